@@ -1,0 +1,1 @@
+"""Alembic migrations of the outbox schema; installed as ``spillover.migrations``."""

@@ -1,0 +1,30 @@
+"""spillover: RQ enqueues that survive a Redis outage.
+
+``from spillover import Queue`` instead of ``from rq import Queue``; run
+``spillover-replay`` next to your workers.
+"""
+
+from .errors import (
+    BacklogFull,
+    ConfigurationError,
+    OutboxError,
+    OutboxNotMigrated,
+    OutboxUnavailable,
+    ReplayError,
+    SpilloverError,
+)
+from .outbox import Outbox
+from .queue import Queue, was_spilled
+
+__all__ = [
+    "BacklogFull",
+    "ConfigurationError",
+    "Outbox",
+    "OutboxError",
+    "OutboxNotMigrated",
+    "OutboxUnavailable",
+    "Queue",
+    "ReplayError",
+    "SpilloverError",
+    "was_spilled",
+]

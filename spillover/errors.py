@@ -1,0 +1,60 @@
+"""One root exception, a small hierarchy under it.
+
+Redis errors that mean misconfiguration (bad password, no permission) are not
+wrapped: they propagate as redis-py raised them, because they are not outages.
+"""
+
+from __future__ import annotations
+
+
+class SpilloverError(Exception):
+    """Root of every error spillover raises itself."""
+
+
+class ConfigurationError(SpilloverError):
+    """A setting, URL or argument cannot work."""
+
+
+class OutboxError(SpilloverError):
+    """The outbox database could not do what was asked."""
+
+
+class OutboxNotMigrated(OutboxError):
+    """The outbox table is missing: the schema was never created."""
+
+    def __init__(self, table: str) -> None:
+        super().__init__(
+            f"outbox table {table!r} does not exist; create it with "
+            "`spillover db upgrade --database-url URL` (or `alembic upgrade head` "
+            "from the spillover checkout with SPILLOVER_DATABASE_URL set)"
+        )
+        self.table = table
+
+
+class OutboxUnavailable(OutboxError):
+    """Redis was unusable and the outbox write failed too: the job was NOT enqueued.
+
+    ``redis_error`` is why the job could not go to Redis, ``outbox_error`` why it
+    could not be stored; both are kept so nothing about the failure is hidden.
+    """
+
+    def __init__(self, message: str, *, redis_error: BaseException | None, outbox_error: BaseException) -> None:
+        super().__init__(f"{message}: redis: {redis_error!r}; outbox: {outbox_error!r}")
+        self.redis_error = redis_error
+        self.outbox_error = outbox_error
+
+
+class BacklogFull(OutboxError):
+    """The outbox holds its configured maximum of pending jobs: the job was NOT enqueued."""
+
+    def __init__(self, pending: int, limit: int) -> None:
+        super().__init__(
+            f"outbox backlog is full ({pending} pending, limit {limit}); "
+            "the job was not enqueued. Is spillover-replay running and Redis healthy?"
+        )
+        self.pending = pending
+        self.limit = limit
+
+
+class ReplayError(SpilloverError):
+    """The replayer cannot proceed (for example: Redis unreachable with --once)."""

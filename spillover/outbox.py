@@ -1,0 +1,315 @@
+"""Outbox storage: the durable table spilled jobs wait in. Knows nothing of Redis.
+
+SQLite is set up for many producer processes at once: WAL journal,
+``synchronous=FULL`` (a returned enqueue survives power loss), a busy timeout, and
+``BEGIN IMMEDIATE`` for writes so a transaction never has to upgrade a read lock
+(the upgrade is what fails with "database is locked" regardless of the timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from . import settings
+from .errors import BacklogFull, ConfigurationError, OutboxNotMigrated
+from .schema import DEAD, DONE, PENDING, outbox
+from .stored_job import SpilledJob
+
+_READ = {"spillover_begin": "DEFERRED"}
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """A pending row as the replayer reads it."""
+
+    id: int
+    queue: str
+    job_id: str
+    job_hash: str
+    at_front: bool
+    scheduled_at: int | None
+    ambiguous: bool
+    attempts: int
+    age_seconds: float
+
+
+def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
+    """An Engine tuned for the outbox: durable SQLite, or a pre-pinged Postgres pool."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database in (None, "", ":memory:"):
+        raise ConfigurationError("an in-memory SQLite outbox is not durable; give it a file path")
+    timeout = settings.busy_timeout() if busy_timeout is None else busy_timeout
+    # isolation_level=None: pysqlite stops issuing BEGIN itself; we issue our own below.
+    engine = create_engine(url, connect_args={"timeout": timeout, "isolation_level": None})
+
+    @event.listens_for(engine, "connect")
+    def _tune(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('spillover_begin', 'IMMEDIATE')}")
+
+    return engine
+
+
+def _dispose_in_child(engine_ref: weakref.ref[Engine]) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        # The parent's pooled connections must not be used (or closed) by the child.
+        engine.dispose(close=False)
+
+
+def _is_missing_table(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    return outbox.name in text and ("no such table" in text or "does not exist" in text)
+
+
+_producer: tuple[int, str] | None = None
+
+
+def producer_id() -> str:
+    """host:pid:random, fresh after a fork; recorded on each row for diagnosis."""
+    global _producer
+    pid = os.getpid()
+    if _producer is None or _producer[0] != pid:
+        _producer = (pid, f"{socket.gethostname()[:40]}:{pid}:{uuid.uuid4().hex[:8]}")
+    return _producer[1]
+
+
+class Outbox:
+    """The outbox table behind one database URL or Engine; share one per process."""
+
+    def __init__(
+        self,
+        url_or_engine: str | Engine | None = None,
+        *,
+        max_backlog: int | None = None,
+        busy_timeout: float | None = None,
+    ) -> None:
+        if isinstance(url_or_engine, Engine):
+            self.engine = url_or_engine
+        else:
+            self.engine = create_outbox_engine(url_or_engine or settings.database_url(), busy_timeout=busy_timeout)
+        self.max_backlog = settings.max_backlog() if max_backlog is None else max_backlog
+        self.url = settings.redact(self.engine.url.render_as_string(hide_password=False))
+        self._pending_estimate = 0
+        self._estimated_at = -1e9
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=lambda ref=weakref.ref(self.engine): _dispose_in_child(ref))
+
+    def __repr__(self) -> str:
+        return f"Outbox({self.url!r})"
+
+    @contextmanager
+    def _transaction(self, read_only: bool = False) -> Iterator[Connection]:
+        try:
+            conn = self.engine.connect()
+            if read_only:
+                conn = conn.execution_options(**_READ)
+            with conn, conn.begin():
+                yield conn
+        except DBAPIError as exc:
+            if _is_missing_table(exc):
+                raise OutboxNotMigrated(outbox.name) from exc
+            raise
+
+    # -- producer side -------------------------------------------------------------
+
+    def append(self, jobs: Sequence[SpilledJob]) -> list[int]:
+        """Store jobs durably in one transaction; their row ids, in order.
+
+        Raises BacklogFull past ``max_backlog``; database errors propagate.
+        """
+        self._check_backlog(len(jobs))
+        rows = [
+            {
+                "queue": job.queue,
+                "job_id": job.job_id,
+                "job_hash": job.job_hash,
+                "at_front": job.at_front,
+                "scheduled_at": job.scheduled_at,
+                "ambiguous": job.ambiguous,
+                "producer": producer_id(),
+            }
+            for job in jobs
+        ]
+        with self._transaction() as conn:
+            ids = [conn.execute(insert(outbox).returning(outbox.c.id), row).scalar_one() for row in rows]
+        self._pending_estimate += len(jobs)
+        return ids
+
+    def _check_backlog(self, adding: int) -> None:
+        """Bound the backlog without a COUNT on every spill: recount once a second, or near the limit."""
+        if self.max_backlog <= 0:
+            return
+        now = time.monotonic()
+        near = self._pending_estimate + adding > self.max_backlog * 0.9
+        if near or now - self._estimated_at > 1.0:
+            self._pending_estimate = self.pending_count()
+            self._estimated_at = now
+        if self._pending_estimate + adding > self.max_backlog:
+            raise BacklogFull(self._pending_estimate, self.max_backlog)
+
+    def pending_count(self, queue: str | None = None) -> int:
+        query = select(func.count()).select_from(outbox).where(outbox.c.state == PENDING)
+        if queue is not None:
+            query = query.where(outbox.c.queue == queue)
+        with self._transaction(read_only=True) as conn:
+            return int(conn.scalar(query) or 0)
+
+    def has_pending(self, queue: str, up_to_id: int) -> bool:
+        """Whether any row of ``queue`` with id <= ``up_to_id`` still waits for replay."""
+        query = (
+            select(outbox.c.id)
+            .where(outbox.c.queue == queue, outbox.c.state == PENDING, outbox.c.id <= up_to_id)
+            .limit(1)
+        )
+        with self._transaction(read_only=True) as conn:
+            return conn.scalar(query) is not None
+
+    # -- replayer side -------------------------------------------------------------
+
+    def pending_queues(self) -> list[str]:
+        query = select(outbox.c.queue).where(outbox.c.state == PENDING).group_by(outbox.c.queue)
+        with self._transaction(read_only=True) as conn:
+            return sorted(conn.scalars(query))
+
+    def fetch_pending(self, queue: str, limit: int) -> list[OutboxRow]:
+        """The oldest ``limit`` pending rows of ``queue``, in replay order."""
+        age = _age_seconds(self.engine)
+        query = (
+            select(
+                outbox.c.id,
+                outbox.c.queue,
+                outbox.c.job_id,
+                outbox.c.job_hash,
+                outbox.c.at_front,
+                outbox.c.scheduled_at,
+                outbox.c.ambiguous,
+                outbox.c.attempts,
+                age,
+            )
+            .where(outbox.c.queue == queue, outbox.c.state == PENDING)
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        with self._transaction(read_only=True) as conn:
+            return [OutboxRow(*row) for row in conn.execute(query)]
+
+    def mark_delivered(self, ids: Sequence[int], keep: bool) -> None:
+        """Rows now in Redis: delete them, or keep them as ``done`` for retention."""
+        if not ids:
+            return
+        with self._transaction() as conn:
+            if keep:
+                conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_(ids))
+                    .values(state=DONE, updated_at=func.now(), last_error=None)
+                )
+            else:
+                conn.execute(delete(outbox).where(outbox.c.id.in_(ids)))
+
+    def record_failure(self, row_id: int, error: str, max_attempts: int) -> bool:
+        """Count a failed replay of one row; mark it dead after ``max_attempts``. True if dead."""
+        with self._transaction() as conn:
+            attempts = conn.scalar(
+                update(outbox)
+                .where(outbox.c.id == row_id)
+                .values(attempts=outbox.c.attempts + 1, last_error=error[:2000], updated_at=func.now())
+                .returning(outbox.c.attempts)
+            )
+            dead = attempts is not None and attempts >= max_attempts
+            if dead:
+                conn.execute(update(outbox).where(outbox.c.id == row_id).values(state=DEAD))
+        return dead
+
+    def mark_dead(self, row_id: int, error: str) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id == row_id)
+                .values(state=DEAD, last_error=error[:2000], updated_at=func.now())
+            )
+
+    def purge_done(self, older_than_seconds: float) -> int:
+        cutoff = _seconds_ago(self.engine, older_than_seconds)
+        with self._transaction() as conn:
+            result = conn.execute(delete(outbox).where(outbox.c.state == DONE, outbox.c.updated_at < cutoff))
+            return result.rowcount or 0
+
+    # -- operators -----------------------------------------------------------------
+
+    def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: pending rows, age of the oldest pending row (s), dead rows."""
+        age = func.max(_age_seconds(self.engine))
+        query = select(outbox.c.queue, outbox.c.state, func.count(), age).group_by(outbox.c.queue, outbox.c.state)
+        stats: dict[str, dict[str, Any]] = {}
+        with self._transaction(read_only=True) as conn:
+            for queue, state, count, oldest in conn.execute(query):
+                entry = stats.setdefault(queue, {"queue": queue, "pending": 0, "oldest_age_s": None, "dead": 0})
+                if state == PENDING:
+                    entry["pending"] = int(count)
+                    entry["oldest_age_s"] = round(float(oldest), 1)
+                elif state == DEAD:
+                    entry["dead"] = int(count)
+        return [stats[q] for q in sorted(stats)]
+
+    def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
+        query = (
+            select(outbox.c.id, outbox.c.queue, outbox.c.job_id, outbox.c.attempts, outbox.c.last_error,
+                   outbox.c.updated_at)
+            .where(outbox.c.state == DEAD)
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        with self._transaction(read_only=True) as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def retry_dead(self, row_id: int | None) -> int:
+        """Put dead rows (one, or all with None) back to pending with a fresh attempt count."""
+        query = update(outbox).where(outbox.c.state == DEAD)
+        if row_id is not None:
+            query = query.where(outbox.c.id == row_id)
+        with self._transaction() as conn:
+            result = conn.execute(query.values(state=PENDING, attempts=0, updated_at=func.now()))
+            return result.rowcount or 0
+
+    def purge_dead(self, row_id: int | None) -> int:
+        query = delete(outbox).where(outbox.c.state == DEAD)
+        if row_id is not None:
+            query = query.where(outbox.c.id == row_id)
+        with self._transaction() as conn:
+            return conn.execute(query).rowcount or 0
+
+
+def _age_seconds(engine: Engine) -> Any:
+    """SQL for the age of a row in seconds, by the database's own clock."""
+    if engine.dialect.name == "sqlite":
+        return (func.julianday("now") - func.julianday(outbox.c.created_at)) * 86400.0
+    return func.extract("epoch", func.now() - outbox.c.created_at)
+
+
+def _seconds_ago(engine: Engine, seconds: float) -> Any:
+    if engine.dialect.name == "sqlite":
+        return func.datetime("now", f"-{float(seconds)} seconds")
+    return func.now() - func.make_interval(0, 0, 0, 0, 0, 0, float(seconds))

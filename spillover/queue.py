@@ -1,0 +1,352 @@
+"""``spillover.Queue``: ``rq.Queue`` that spills to the outbox when Redis is unusable.
+
+Healthy path: RQ's own enqueue code, run in one MULTI together with a delivery
+marker (one round trip; no database access). Unhealthy path: the job hash RQ
+would have written goes to the outbox instead, and the queue stays in "spill
+mode" until the replayer has moved this producer's rows into Redis, so one
+producer's jobs reach RQ in the order they were enqueued.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import redis
+import rq
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+from rq.job import Job, JobStatus
+from rq.queue import EnqueueData
+from rq.utils import now
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import settings
+from .errors import OutboxUnavailable
+from .health import RedisHealth
+from .outbox import Outbox
+from .redis_side import bounded_client, is_ambiguous, is_outage, marker_key
+from .stored_job import SpilledJob, encode_hash, schedule_timestamp
+
+#: While a queue is in spill mode, how often (s) to ask the outbox whether its rows are replayed.
+RESUME_CHECK_INTERVAL = 0.1
+
+OutboxLike = Outbox | Engine | str | None
+
+
+@dataclass
+class _SpillState:
+    """Per process, outbox, Redis server and queue: are we spilling, and our newest row."""
+
+    spilling: bool = False
+    last_row_id: int = 0
+    checked_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _Server:
+    health: RedisHealth
+    version: tuple[int, int, int] | None = None
+
+
+_lock = threading.Lock()
+_servers: dict[tuple[Any, ...], _Server] = {}
+_outboxes: dict[Any, Outbox] = {}
+_spill_states: dict[tuple[Any, ...], _SpillState] = {}
+
+
+def _reset_after_fork() -> None:
+    """A lock held by another thread at fork time would never be released in the child."""
+    global _lock
+    _lock = threading.Lock()
+    for state in _spill_states.values():
+        state.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _server_key(connection: redis.Redis) -> tuple[Any, ...]:
+    kwargs = connection.connection_pool.connection_kwargs
+    return (
+        connection.connection_pool.connection_class,
+        kwargs.get("host"),
+        kwargs.get("port"),
+        kwargs.get("path"),
+        kwargs.get("db", 0),
+        kwargs.get("username"),
+    )
+
+
+def _server_for(connection: redis.Redis, timeout: float, probe_interval: float) -> _Server:
+    """One bounded client and breaker per Redis server, shared by every Queue of the process."""
+    key = (*_server_key(connection), timeout)
+    with _lock:
+        server = _servers.get(key)
+        if server is None:
+            server = _Server(RedisHealth(bounded_client(connection, timeout), probe_interval))
+            _servers[key] = server
+        return server
+
+
+def resolve_outbox(outbox: OutboxLike) -> Outbox:
+    """An Outbox object, shared per URL or Engine so the process keeps one connection pool."""
+    if isinstance(outbox, Outbox):
+        return outbox
+    key: Any = outbox if outbox is not None else settings.database_url()
+    with _lock:
+        found = _outboxes.get(key)
+        if found is None:
+            found = Outbox(key)
+            _outboxes[key] = found
+        return found
+
+
+def was_spilled(job: Job) -> bool:
+    """Whether ``job`` went to the outbox (True) rather than straight to Redis."""
+    return bool(getattr(job, "spilled", False))
+
+
+class Queue(rq.Queue):  # type: ignore[misc]
+    """Drop-in ``rq.Queue``; adds ``outbox=`` (URL, Engine or Outbox) and bounded Redis time.
+
+    Jobs carry their final id either way; ``was_spilled(job)`` tells which way they went.
+    Calls that pass their own ``pipeline=`` or ``unique=True``, and ``is_async=False``
+    queues, are RQ's own and are not spilled.
+    """
+
+    def __init__(
+        self,
+        name: str = "default",
+        connection: redis.Redis | None = None,
+        *args: Any,
+        outbox: OutboxLike = None,
+        redis_timeout: float | None = None,
+        marker_ttl: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, connection, *args, **kwargs)
+        self.outbox = resolve_outbox(outbox)
+        self.marker_ttl = settings.marker_ttl() if marker_ttl is None else marker_ttl
+        timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
+        self._server = _server_for(self.connection, timeout, settings.DEFAULT_PROBE_INTERVAL)
+        self._client = self._server.health.client
+        state_key = (id(self.outbox), _server_key(self.connection), name)
+        with _lock:
+            self._spill_state = _spill_states.setdefault(state_key, _SpillState())
+
+    @property
+    def health(self) -> RedisHealth:
+        return self._server.health
+
+    def get_redis_server_version(self) -> tuple[int, int, int]:
+        """Cached per server (not per Queue object) and asked through the bounded client."""
+        if self._server.version is None:
+            version = str(self._client.info("server")["redis_version"])
+            major, minor, patch = (int(part) for part in version.split(".")[:3])
+            self._server.version = (major, minor, patch)
+        self.redis_server_version = self._server.version
+        return self._server.version
+
+    # -- the three write paths of RQ ----------------------------------------------
+
+    def enqueue_job(
+        self, job: Job, pipeline: Pipeline | None = None, at_front: bool = False, unique: bool = False
+    ) -> Job:
+        if pipeline is not None or unique or not self._is_async:
+            return super().enqueue_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
+        job.origin = self.name
+        status = job.get_status(refresh=False)
+
+        def direct(pipe: Pipeline) -> None:
+            job._status = status  # a WatchError retry starts from the original status
+            super(Queue, self).enqueue_job(job, pipeline=pipe, at_front=at_front)
+            pipe.set(marker_key(job.id), b"1", ex=self.marker_ttl)
+
+        def spill(ambiguous: bool) -> list[SpilledJob]:
+            self._prepare_offline(job)
+            return [self._spilled(job, at_front=at_front, ambiguous=ambiguous)]
+
+        self._deliver([job], direct, spill)
+        return job
+
+    def schedule_job(
+        self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False
+    ) -> Job:
+        if pipeline is not None or unique:
+            return super().schedule_job(job, datetime, pipeline=pipeline, unique=unique)
+        when = datetime
+
+        def direct(pipe: Pipeline) -> None:
+            pipe.multi()
+            super(Queue, self).schedule_job(job, when, pipeline=pipe)
+            pipe.set(marker_key(job.id), b"1", ex=self.marker_ttl)
+
+        def spill(ambiguous: bool) -> list[SpilledJob]:
+            job._status = JobStatus.SCHEDULED
+            return [self._spilled(job, scheduled_at=schedule_timestamp(when), ambiguous=ambiguous)]
+
+        self._deliver([job], direct, spill)
+        return job
+
+    def enqueue_many(
+        self, job_datas: Iterable[EnqueueData], pipeline: Pipeline | None = None, group_id: str | None = None
+    ) -> list[Job]:
+        if pipeline is not None or not self._is_async:
+            return list(super().enqueue_many(job_datas, pipeline=pipeline, group_id=group_id))
+        datas = list(job_datas)
+        plain = [(self._create_from(data, group_id), bool(data.at_front)) for data in datas if not data.depends_on]
+        jobs = [job for job, _ in plain]
+
+        def direct(pipe: Pipeline) -> None:
+            pipe.multi()
+            pipe.sadd(self.redis_queues_keys, self.key)
+            for job, at_front in plain:
+                self._enqueue_job(job, pipeline=pipe, at_front=at_front)
+                pipe.set(marker_key(job.id), b"1", ex=self.marker_ttl)
+
+        def spill(ambiguous: bool) -> list[SpilledJob]:
+            spilled = []
+            for job, at_front in plain:
+                self._prepare_offline(job)
+                spilled.append(self._spilled(job, at_front=at_front, ambiguous=ambiguous))
+            return spilled
+
+        if plain:
+            self._deliver(jobs, direct, spill)
+        # Jobs with dependencies go one by one: each needs a WATCH on its parents.
+        for data in datas:
+            if data.depends_on:
+                jobs.append(self.enqueue_job(self._create_from(data, group_id), at_front=bool(data.at_front)))
+        return jobs
+
+    # -- choosing the path ---------------------------------------------------------
+
+    def _deliver(
+        self,
+        jobs: Sequence[Job],
+        direct: Callable[[Pipeline], None],
+        spill: Callable[[bool], list[SpilledJob]],
+    ) -> None:
+        state = self._spill_state
+        error: BaseException | None = None
+        if not state.spilling and self.health.is_up:
+            error = self._try_direct(jobs, direct)
+            if error is None:
+                return
+        with state.lock:
+            if error is None and self._may_resume(state):
+                error = self._try_direct(jobs, direct)
+                if error is None:
+                    return
+            state.spilling = True
+            ambiguous = error is not None and is_ambiguous(error)
+            self._append(state, spill(ambiguous), error or self.health.last_error)
+        for job in jobs:
+            job.spilled = True
+
+    def _try_direct(self, jobs: Sequence[Job], direct: Callable[[Pipeline], None]) -> BaseException | None:
+        """Write to Redis; None on success, the error when Redis is unavailable; raise otherwise."""
+        for job in jobs:
+            job.connection = self._client  # dependency look-ups must use the bounded client too
+        try:
+            while True:
+                try:
+                    with self._client.pipeline(transaction=True) as pipe:
+                        direct(pipe)
+                        pipe.execute()
+                    break
+                except WatchError:
+                    continue  # a parent changed while we looked at it: look again, as RQ does
+        except redis.RedisError as exc:
+            if not is_outage(exc):
+                raise
+            self.health.mark_down(exc)
+            return exc
+        finally:
+            for job in jobs:
+                job.connection = self.connection
+        for job in jobs:
+            job.spilled = False
+        return None
+
+    def _may_resume(self, state: _SpillState) -> bool:
+        """Leave spill mode once Redis is up and none of this producer's rows is still pending."""
+        if not state.spilling:
+            return self.health.is_up
+        if not self.health.is_up or time.monotonic() - state.checked_at < RESUME_CHECK_INTERVAL:
+            return False
+        state.checked_at = time.monotonic()
+        try:
+            drained = not self.outbox.has_pending(self.name, state.last_row_id)
+        except SQLAlchemyError:
+            return False  # cannot tell: keep spilling, order first
+        if drained:
+            state.spilling = False
+        return drained
+
+    def _append(self, state: _SpillState, spilled: list[SpilledJob], redis_error: BaseException | None) -> None:
+        try:
+            ids = self.outbox.append(spilled)
+        except SQLAlchemyError as exc:
+            if exc.__context__ is None:
+                exc.__context__ = redis_error
+            raise OutboxUnavailable(
+                "job not enqueued: Redis is unavailable and the outbox write failed",
+                redis_error=redis_error,
+                outbox_error=exc,
+            ) from exc
+        state.last_row_id = max(state.last_row_id, *ids)
+
+    # -- building what the outbox stores -------------------------------------------
+
+    def _prepare_offline(self, job: Job) -> None:
+        """What RQ's ``_prepare_for_queue`` sets, without asking Redis for its version."""
+        job.origin = self.name
+        job.enqueued_at = now()
+        if job.timeout is None:
+            job.timeout = self._default_timeout
+        job._status = JobStatus.QUEUED
+
+    def _spilled(
+        self, job: Job, *, at_front: bool = False, scheduled_at: int | None = None, ambiguous: bool
+    ) -> SpilledJob:
+        job.origin = self.name
+        return SpilledJob(
+            queue=self.name,
+            job_id=job.id,
+            job_hash=encode_hash(job.to_dict()),
+            at_front=at_front,
+            scheduled_at=scheduled_at,
+            ambiguous=ambiguous,
+        )
+
+    def _create_from(self, data: EnqueueData, group_id: str | None) -> Job:
+        return self.create_job(
+            func=data.func,
+            args=data.args,
+            kwargs=data.kwargs,
+            timeout=data.timeout,
+            result_ttl=data.result_ttl,
+            ttl=data.ttl,
+            failure_ttl=data.failure_ttl,
+            description=data.description,
+            depends_on=data.depends_on,
+            job_id=data.job_id,
+            meta=data.meta,
+            retry=data.retry,
+            repeat=data.repeat,
+            on_success=data.on_success,
+            on_failure=data.on_failure,
+            on_stopped=data.on_stopped,
+            webhooks=data.webhooks,
+            group_id=group_id,
+        )

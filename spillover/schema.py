@@ -1,0 +1,71 @@
+"""The outbox tables. The migrations in ``migrations/`` build exactly this schema.
+
+``spillover_outbox`` holds one row per spilled job: the job hash exactly as RQ
+would have written it, plus what RQ keeps outside the hash (``at_front``, the
+schedule). Rows are replayed per queue in ``id`` order and tracked per row
+(``state``), never by a high-water mark, so rows committed out of order by
+concurrent producers are not skipped.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+)
+
+#: Alembic's version table for our schema: not ``alembic_version``, so the outbox
+#: can live in an application's own database next to its own migrations.
+VERSION_TABLE = "spillover_alembic_version"
+
+PENDING = "pending"
+DONE = "done"
+DEAD = "dead"
+
+metadata = MetaData()
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid); Postgres gets a BIGINT identity.
+_row_id = BigInteger().with_variant(Integer(), "sqlite")
+
+outbox = Table(
+    "spillover_outbox",
+    metadata,
+    Column("id", _row_id, primary_key=True, autoincrement=True),
+    Column("queue", String(255), nullable=False),
+    Column("job_id", String(255), nullable=False),
+    # JSON of the RQ job hash; binary fields (pickled data, meta) base64 encoded.
+    Column("job_hash", Text, nullable=False),
+    Column("at_front", Boolean, nullable=False, server_default="0"),
+    # enqueue_at / enqueue_in: Unix time RQ scores the scheduled registry with.
+    Column("scheduled_at", BigInteger, nullable=True),
+    # The direct write was attempted and its outcome is unknown: it may be in Redis.
+    Column("ambiguous", Boolean, nullable=False, server_default="0"),
+    Column("producer", String(64), nullable=False),
+    Column("state", String(16), nullable=False, server_default=PENDING),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_spillover_outbox_queue_state_id", "queue", "state", "id"),
+    Index("ix_spillover_outbox_state_updated", "state", "updated_at"),
+)
+
+# One row per lease: who may drain the outbox now, and until when (Unix seconds,
+# by the database's clock so that replayers on several hosts agree).
+lease = Table(
+    "spillover_lease",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)

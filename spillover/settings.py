@@ -1,0 +1,74 @@
+"""Defaults and the environment variables behind them, in one place.
+
+Every knob has an environment variable so that a producer (which has no command
+line) and the replayer read the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+DEFAULT_DATABASE_URL = "sqlite:///spillover.db"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+#: Seconds a producer waits on Redis (connect and reply) before it spills.
+DEFAULT_REDIS_TIMEOUT = 0.5
+#: Seconds between background write-probes while Redis is marked down.
+DEFAULT_PROBE_INTERVAL = 0.25
+#: Seconds a delivery marker lives in Redis; bounds how late an ambiguous job may replay.
+DEFAULT_MARKER_TTL = 7 * 24 * 3600
+#: Pending rows the outbox may hold before enqueue raises BacklogFull (0: no bound).
+DEFAULT_MAX_BACKLOG = 1_000_000
+#: Seconds SQLite waits on a locked database before giving up.
+DEFAULT_BUSY_TIMEOUT = 10.0
+
+MARKER_PREFIX = "spillover:delivered:"
+PROBE_KEY = "spillover:probe"
+
+
+def env_str(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def database_url() -> str:
+    return env_str("SPILLOVER_DATABASE_URL", DEFAULT_DATABASE_URL)
+
+
+def redis_url() -> str:
+    return env_str("SPILLOVER_REDIS_URL", DEFAULT_REDIS_URL)
+
+
+def redis_timeout() -> float:
+    return env_float("SPILLOVER_REDIS_TIMEOUT", DEFAULT_REDIS_TIMEOUT)
+
+
+def marker_ttl() -> int:
+    return env_int("SPILLOVER_MARKER_TTL", DEFAULT_MARKER_TTL)
+
+
+def max_backlog() -> int:
+    return env_int("SPILLOVER_MAX_BACKLOG", DEFAULT_MAX_BACKLOG)
+
+
+def busy_timeout() -> float:
+    return env_float("SPILLOVER_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT)
+
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@]*:)[^@/]*@", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """Hide the password of a URL, for logs, status output and errors."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>***@", url)
