@@ -114,7 +114,8 @@ class Outbox:
         self._pending_estimate = 0
         self._estimated_at = -1e9
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=lambda ref=weakref.ref(self.engine): _dispose_in_child(ref))
+            engine_ref = weakref.ref(self.engine)
+            os.register_at_fork(after_in_child=lambda: _dispose_in_child(engine_ref))
 
     def __repr__(self) -> str:
         return f"Outbox({self.url!r})"
@@ -276,8 +277,14 @@ class Outbox:
 
     def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
         query = (
-            select(outbox.c.id, outbox.c.queue, outbox.c.job_id, outbox.c.attempts, outbox.c.last_error,
-                   outbox.c.updated_at)
+            select(
+                outbox.c.id,
+                outbox.c.queue,
+                outbox.c.job_id,
+                outbox.c.attempts,
+                outbox.c.last_error,
+                outbox.c.updated_at,
+            )
             .where(outbox.c.state == DEAD)
             .order_by(outbox.c.id)
             .limit(limit)
@@ -286,12 +293,15 @@ class Outbox:
             return [dict(row._mapping) for row in conn.execute(query)]
 
     def retry_dead(self, row_id: int | None) -> int:
-        """Put dead rows (one, or all with None) back to pending with a fresh attempt count."""
+        """Put dead rows (one, or all with None) back to pending with a fresh attempt count.
+
+        The operator has checked the job is not in RQ, so it is no longer ambiguous.
+        """
         query = update(outbox).where(outbox.c.state == DEAD)
         if row_id is not None:
             query = query.where(outbox.c.id == row_id)
         with self._transaction() as conn:
-            result = conn.execute(query.values(state=PENDING, attempts=0, updated_at=func.now()))
+            result = conn.execute(query.values(state=PENDING, attempts=0, ambiguous=False, updated_at=func.now()))
             return result.rowcount or 0
 
     def purge_dead(self, row_id: int | None) -> int:

@@ -178,9 +178,7 @@ class Queue(rq.Queue):  # type: ignore[misc]
         self._deliver([job], direct, spill)
         return job
 
-    def schedule_job(
-        self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False
-    ) -> Job:
+    def schedule_job(self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False) -> Job:
         if pipeline is not None or unique:
             return super().schedule_job(job, datetime, pipeline=pipeline, unique=unique)
         when = datetime

@@ -7,6 +7,7 @@ write whose reply was lost can be recognised later and never pushed twice.
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from typing import Any
 
@@ -20,13 +21,15 @@ from redis.exceptions import (
     MaxConnectionsError,
     OutOfMemoryError,
     ReadOnlyError,
-    RedisError,
     ResponseError,
     TimeoutError,
 )
 from redis.retry import Retry
+from rq.job import Job
+from rq.queue import Queue as RQQueue
+from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
 
-from .settings import MARKER_PREFIX
+from .settings import MARKER_PREFIX, PROBE_KEY
 
 # Replies that mean "this server cannot take writes right now", not "you asked wrong".
 _UNAVAILABLE_REPLIES = ("LOADING", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
@@ -81,8 +84,6 @@ def marker_key(job_id: str) -> str:
 
 def probe_write(client: redis.Redis) -> None:
     """A write, because PING succeeds on a read-only replica and during OOM."""
-    from .settings import PROBE_KEY
-
     client.set(PROBE_KEY, b"1", px=60_000)
 
 
@@ -90,13 +91,54 @@ def load_script(name: str) -> str:
     return resources.files("spillover").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-__all__ = [
-    "RedisError",
-    "bounded_client",
-    "client_from_url",
-    "is_ambiguous",
-    "is_outage",
-    "load_script",
-    "marker_key",
-    "probe_write",
-]
+class ReplayScript:
+    """The replay Lua script bound to one client: one call pushes a whole batch."""
+
+    def __init__(self, client: redis.Redis, marker_ttl: int) -> None:
+        self.client = client
+        self.marker_ttl = marker_ttl
+        self._script = client.register_script(load_script("replay.lua"))
+
+    def push(self, queue_name: str, rows: list[ReplayItem]) -> tuple[list[int], str | None]:
+        """Codes per processed row (see replay.lua) and the error that stopped the batch, if any."""
+        args: list[Any] = [
+            RQQueue.redis_queue_namespace_prefix + queue_name,
+            RQQueue.redis_queues_keys,
+            Job.redis_job_namespace_prefix,
+            ScheduledJobRegistry.key_template.format(queue_name),
+            DeferredJobRegistry.key_template.format(queue_name),
+            MARKER_PREFIX,
+            self.marker_ttl,
+            len(rows),
+        ]
+        for row in rows:
+            args += [row.job_id, 1 if row.at_front else 0, "" if row.scheduled_at is None else row.scheduled_at]
+            args += [row.ttl if row.ttl else "", len(row.dependency_ids), *row.dependency_ids, len(row.fields)]
+            for name, value in row.fields.items():
+                args += [name, value]
+        reply = self._script(keys=[], args=args)
+        codes = [int(code) for code in reply[0]]
+        error = reply[1].decode("utf-8", "replace") if len(reply) > 1 else None
+        return codes, error
+
+
+class ReplayItem:
+    """One job as the replay script needs it."""
+
+    __slots__ = ("at_front", "dependency_ids", "fields", "job_id", "scheduled_at", "ttl")
+
+    def __init__(
+        self,
+        job_id: str,
+        fields: dict[str, bytes],
+        at_front: bool,
+        scheduled_at: int | None,
+    ) -> None:
+        self.job_id = job_id
+        self.fields = fields
+        self.at_front = at_front
+        self.scheduled_at = scheduled_at
+        ttl = fields.get("ttl")
+        self.ttl = int(ttl) if ttl else None
+        deps = fields.get("dependency_ids")
+        self.dependency_ids: list[str] = json.loads(deps) if deps else []

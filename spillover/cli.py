@@ -1,0 +1,270 @@
+"""Command line: ``spillover-replay`` (the long-running replayer) and ``spillover`` (admin).
+
+Every option has an environment variable, shown in ``--help``, as in RQ's CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+import click
+import redis
+
+from . import settings
+from .errors import SpilloverError
+from .lease import REPLAY_LEASE, Lease
+from .outbox import Outbox
+from .redis_side import client_from_url, is_outage, probe_write
+from .replayer import ReplayConfig, Replayer
+
+_ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
+
+
+def redis_option(f: Any) -> Any:
+    return click.option(
+        "--redis-url",
+        envvar="SPILLOVER_REDIS_URL",
+        default=settings.DEFAULT_REDIS_URL,
+        show_envvar=True,
+        help="Redis that RQ uses.",
+    )(f)
+
+
+def database_option(f: Any) -> Any:
+    return click.option(
+        "--database-url",
+        envvar="SPILLOVER_DATABASE_URL",
+        default=settings.DEFAULT_DATABASE_URL,
+        show_envvar=True,
+        help="SQLAlchemy URL of the outbox.",
+    )(f)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@click.command(context_settings=_ctx)
+@redis_option
+@database_option
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    envvar="SPILLOVER_QUEUES",
+    show_envvar=True,
+    help="Queue to replay (repeatable; env: space-separated). Default: every queue in the outbox.",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    envvar="SPILLOVER_ONCE",
+    show_envvar=True,
+    help="Drain what is pending, then exit (non-zero if Redis is unreachable).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=500,
+    envvar="SPILLOVER_BATCH_SIZE",
+    show_envvar=True,
+    help="Rows per Redis call and per outbox transaction.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(0.01),
+    default=1.0,
+    envvar="SPILLOVER_POLL_INTERVAL",
+    show_envvar=True,
+    help="Seconds between looks at an empty outbox.",
+)
+@click.option(
+    "--marker-ttl",
+    type=click.IntRange(60),
+    default=settings.DEFAULT_MARKER_TTL,
+    envvar="SPILLOVER_MARKER_TTL",
+    show_envvar=True,
+    help="Seconds a delivery marker lives in Redis (keep equal on producers).",
+)
+@click.option(
+    "--retention",
+    type=click.FloatRange(0),
+    default=0.0,
+    envvar="SPILLOVER_RETENTION",
+    show_envvar=True,
+    help="Seconds to keep replayed rows as 'done' (0: delete at once).",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1),
+    default=3,
+    envvar="SPILLOVER_MAX_ATTEMPTS",
+    show_envvar=True,
+    help="Failed replays of a row before it is marked dead.",
+)
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(1),
+    default=10.0,
+    envvar="SPILLOVER_LEASE_TTL",
+    show_envvar=True,
+    help="Seconds before a dead replayer's lease passes to a standby.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    envvar="SPILLOVER_LOG_LEVEL",
+    show_envvar=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def replay_main(
+    redis_url: str,
+    database_url: str,
+    queues: tuple[str, ...],
+    once: bool,
+    batch_size: int,
+    poll_interval: float,
+    marker_ttl: int,
+    retention: float,
+    max_attempts: int,
+    lease_ttl: float,
+    log_level: str,
+) -> None:
+    """Move spilled jobs from the outbox into RQ, in order, exactly once."""
+    _setup_logging(log_level)
+    names = [name for value in queues for name in value.split()]
+    config = ReplayConfig(batch_size, poll_interval, marker_ttl, retention, max_attempts, lease_ttl, names)
+    outbox = Outbox(database_url, max_backlog=0)
+    replayer = Replayer(outbox, client_from_url(redis_url, timeout=5.0), config)
+    log = logging.getLogger("spillover.replay")
+    log.info("replaying %s -> %s", outbox.url, settings.redact(redis_url))
+    try:
+        if once:
+            stats = replayer.run_once()
+            log.info("done: %d replayed, %d duplicates skipped, %d dead", stats.replayed, stats.duplicates, stats.dead)
+            return
+
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s: finishing the batch in hand", signal.Signals(signum).name)
+            replayer.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        replayer.run()
+    except SpilloverError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings=_ctx)
+def main() -> None:
+    """Administer the spillover outbox."""
+
+
+@main.command()
+@redis_option
+@database_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(redis_url: str, database_url: str, as_json: bool) -> None:
+    """Per queue: pending rows, age of the oldest, dead rows; Redis health; the lease holder."""
+    outbox = Outbox(database_url, max_backlog=0)
+    try:
+        queues = outbox.queue_stats()
+        holder = Lease(outbox.engine, "status", 0, REPLAY_LEASE).current()
+    except SpilloverError as exc:
+        raise click.ClickException(str(exc)) from None
+    redis_state = _redis_state(redis_url)
+    report = {
+        "outbox": outbox.url,
+        "redis": {"url": settings.redact(redis_url), "state": redis_state},
+        "lease": None if holder is None else {"holder": holder.holder, "expires_in_s": round(holder.expires_in, 1)},
+        "queues": queues,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"outbox: {report['outbox']}")
+    click.echo(f"redis:  {report['redis']['url']} ({redis_state})")
+    click.echo(f"lease:  {holder.holder if holder else 'free'}")
+    click.echo(f"{'queue':<24} {'pending':>9} {'oldest (s)':>11} {'dead':>6}")
+    for entry in queues:
+        oldest = "-" if entry["oldest_age_s"] is None else f"{entry['oldest_age_s']:.1f}"
+        click.echo(f"{entry['queue']:<24} {entry['pending']:>9} {oldest:>11} {entry['dead']:>6}")
+
+
+def _redis_state(redis_url: str) -> str:
+    try:
+        probe_write(client_from_url(redis_url, timeout=1.0))
+    except redis.RedisError as exc:
+        return f"down: {exc.__class__.__name__}" if is_outage(exc) else f"error: {exc}"
+    return "up"
+
+
+@main.group()
+def db() -> None:
+    """Outbox schema."""
+
+
+@db.command()
+@database_option
+@click.option("--revision", default="head", help="Target revision.")
+def upgrade(database_url: str, revision: str) -> None:
+    """Create or update the outbox tables (the same migrations as `alembic upgrade head`)."""
+    from .migrate import upgrade as run_upgrade
+
+    run_upgrade(database_url, revision)
+    click.echo(f"outbox schema at {revision} in {settings.redact(database_url)}")
+
+
+@main.group()
+def dead() -> None:
+    """Rows the replayer gave up on."""
+
+
+@dead.command("list")
+@database_option
+@click.option("--limit", default=100, type=click.IntRange(1))
+def dead_list(database_url: str, limit: int) -> None:
+    """Dead rows with their last error."""
+    rows = Outbox(database_url, max_backlog=0).dead_rows(limit)
+    for row in rows:
+        click.echo(f"{row['id']}\t{row['queue']}\t{row['job_id']}\tattempts={row['attempts']}\t{row['last_error']}")
+    if not rows:
+        click.echo("no dead rows")
+
+
+@dead.command("retry")
+@database_option
+@click.argument("row_id", type=int, required=False)
+@click.option("--all", "all_rows", is_flag=True, help="Every dead row.")
+def dead_retry(database_url: str, row_id: int | None, all_rows: bool) -> None:
+    """Put a dead row (or --all) back in line for replay."""
+    _need_target(row_id, all_rows)
+    count = Outbox(database_url, max_backlog=0).retry_dead(None if all_rows else row_id)
+    click.echo(f"{count} row(s) back to pending")
+
+
+@dead.command("purge")
+@database_option
+@click.argument("row_id", type=int, required=False)
+@click.option("--all", "all_rows", is_flag=True, help="Every dead row.")
+def dead_purge(database_url: str, row_id: int | None, all_rows: bool) -> None:
+    """Delete a dead row (or --all) for good."""
+    _need_target(row_id, all_rows)
+    count = Outbox(database_url, max_backlog=0).purge_dead(None if all_rows else row_id)
+    click.echo(f"{count} row(s) deleted")
+
+
+def _need_target(row_id: int | None, all_rows: bool) -> None:
+    if (row_id is None) == (not all_rows):
+        raise click.UsageError("give exactly one of ROW_ID or --all")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
