@@ -1,0 +1,5 @@
+"""``python -m spillover``: the admin CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import RedisServer, create_database, postgres_url  # noqa: E402
+
+from spillover import migrate  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_redis(tmp_path: Path) -> Iterator[type]:
+    """Factory for extra servers (replicas, AOF-backed, maxmemory): make_redis(*args, aof=False)."""
+    servers: list[RedisServer] = []
+
+    def make(*args: str, aof: bool = False) -> RedisServer:
+        server = RedisServer(tmp_path, *args, aof=aof)
+        servers.append(server)
+        return server
+
+    yield make  # type: ignore[misc]
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    url = postgres_url()
+    if url is None:
+        if IN_CI:
+            pytest.fail("CI must test PostgreSQL, and none could be found or started")
+        pytest.skip("no PostgreSQL available on this machine")
+    return url
+
+
+def _sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'outbox.db'}"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = _sqlite_url(tmp_path)
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def outbox_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty outbox on each supported database."""
+    if request.param == "sqlite":
+        url = _sqlite_url(tmp_path)
+    else:
+        url = create_database(request.getfixturevalue("postgres_server"))
+    migrate.upgrade(url)
+    return url

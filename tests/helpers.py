@@ -1,0 +1,73 @@
+"""What tests compare and count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from spillover.settings import MARKER_PREFIX, PROBE_KEY
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+# Fields whose value is a time, so they differ between two runs of the same enqueue.
+TIME_FIELDS = {"created_at", "enqueued_at", "last_heartbeat"}
+
+
+def snapshot(client: redis.Redis, keep_markers: bool = False) -> dict[str, Any]:
+    """Every key with its type and value, timestamps blanked, TTL as 'expires'/'persistent'."""
+    state: dict[str, Any] = {}
+    for raw in sorted(client.keys("*")):
+        key = raw.decode()
+        if key == PROBE_KEY or (key.startswith(MARKER_PREFIX) and not keep_markers):
+            continue
+        kind = client.type(raw).decode()
+        value: Any
+        if kind == "hash":
+            value = {k.decode(): (b"<time>" if k.decode() in TIME_FIELDS else v) for k, v in client.hgetall(raw).items()}
+        elif kind == "list":
+            value = client.lrange(raw, 0, -1)
+        elif kind == "set":
+            value = sorted(client.smembers(raw))
+        elif kind == "zset":
+            # deferred registry scores are "now": keep members only there
+            pairs = client.zrange(raw, 0, -1, withscores=True)
+            value = [m for m, _ in pairs] if key.startswith("rq:deferred:") else pairs
+        else:
+            value = client.get(raw)
+        state[key] = (kind, value, "expires" if client.ttl(raw) > 0 else "persistent")
+    return state
+
+
+def env_with_tests() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    return env
+
+
+def replay_once(database_url: str, redis_url: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The real `spillover-replay --once` command."""
+    cmd = [sys.executable, "-m", "spillover.cli_replay", "--once", "--database-url", database_url,
+           "--redis-url", redis_url, "--log-level", "WARNING", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, env=env_with_tests(), timeout=120)
+
+
+def run_worker(redis_url: str, *queues: str) -> None:
+    """A real RQ worker in burst mode: runs what is queued, then exits."""
+    subprocess.run(
+        [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", redis_url, "-w", "rq.SimpleWorker", *queues],
+        check=True, capture_output=True, env=env_with_tests(), timeout=120,
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

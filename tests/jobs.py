@@ -1,0 +1,25 @@
+"""Job functions the tests enqueue; workers import them from tests/ (PYTHONPATH)."""
+
+from __future__ import annotations
+
+from rq import get_current_job
+
+
+def record(tag: str) -> str:
+    """Append ``tag`` to the list ``executed`` in the worker's Redis: proof it ran, and how often."""
+    job = get_current_job()
+    assert job is not None
+    job.connection.rpush("executed", tag)
+    return tag
+
+
+def noop(*args: object, **kwargs: object) -> None:
+    return None
+
+
+def on_success(job: object, connection: object, result: object) -> None:
+    return None
+
+
+def on_failure(job: object, connection: object, *exc_info: object) -> None:
+    return None

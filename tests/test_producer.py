@@ -1,0 +1,287 @@
+"""The producer side against real redis-server processes and real outboxes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import rq
+from forms import FORMS, depends_on_unfinished
+from helpers import replay_once, run_worker, snapshot
+from servers import free_port
+
+import jobs
+from spillover import BacklogFull, Outbox, OutboxNotMigrated, OutboxUnavailable, Queue, was_spilled
+from spillover.faultproxy import FaultProxy
+from spillover.settings import MARKER_PREFIX
+
+
+def dead_redis() -> redis.Redis:
+    """A default-constructed client for a port nobody listens on."""
+    return redis.Redis(host="127.0.0.1", port=free_port())
+
+
+def test_healthy_path_writes_exactly_what_rq_writes(redis_server, sqlite_url):
+    native, ours = redis_server.client(db=1), redis_server.client(db=0)
+    for form in FORMS.values():
+        if form is depends_on_unfinished:
+            for client in (native, ours):
+                rq.Queue("q", connection=client).enqueue(jobs.noop, job_id="parent")
+        form(rq.Queue("q", connection=native))
+        form(Queue("q", connection=ours, outbox=sqlite_url))
+    assert snapshot(ours) == snapshot(native)
+    # one marker per job spillover wrote, and nothing in the outbox
+    markers = {k.decode()[len(MARKER_PREFIX):] for k in ours.keys(MARKER_PREFIX + "*")}
+    assert {"plain", "options", "at", "many-4", "child", "orphan"} <= markers
+    assert Outbox(sqlite_url).pending_count() == 0
+
+
+@pytest.mark.parametrize("form_name", sorted(FORMS))
+def test_every_form_spilled_then_replayed_equals_native_rq(form_name, redis_server, outbox_url):
+    form = FORMS[form_name]
+    native, ours = redis_server.client(db=1), redis_server.client(db=0)
+    if form is depends_on_unfinished:
+        for client in (native, ours):
+            rq.Queue("q", connection=client).enqueue(jobs.noop, job_id="parent")
+    form(rq.Queue("q", connection=native))
+
+    spilling = Queue("q", connection=dead_redis(), outbox=outbox_url)
+    form(spilling)
+    assert Outbox(outbox_url).pending_count("q") >= 1
+    assert len(native.keys("rq:job:*")) >= 1 and not ours.keys(MARKER_PREFIX + "*")
+
+    replay_once(outbox_url, redis_server.url.replace("/0", "/0"))
+    assert snapshot(ours) == snapshot(native)
+    assert Outbox(outbox_url).pending_count() == 0
+
+
+def test_spilled_jobs_keep_ids_and_report_it(sqlite_url):
+    q = Queue("q", connection=dead_redis(), outbox=sqlite_url)
+    job = q.enqueue(jobs.noop, job_id="given-id")
+    auto = q.enqueue(jobs.noop)
+    assert job.id == "given-id" and was_spilled(job) and was_spilled(auto)
+    assert len(auto.id) == 36
+    assert Outbox(sqlite_url).pending_count("q") == 2
+
+
+def test_replayed_jobs_run_on_a_real_worker_with_dependencies(redis_server, sqlite_url):
+    q = Queue("work", connection=dead_redis(), outbox=sqlite_url)
+    parent = q.enqueue(jobs.record, "parent", job_id="p")
+    q.enqueue(jobs.record, "child", job_id="c", depends_on=parent)
+    q.enqueue(jobs.record, "other", job_id="o")
+    replay_once(sqlite_url, redis_server.url)
+    client = redis_server.client()
+    assert client.hget("rq:job:c", "status") == b"deferred"
+    run_worker(redis_server.url, "work")
+    assert client.lrange("executed", 0, -1) == [b"parent", b"other", b"child"]
+
+
+def test_order_is_kept_across_the_switch_over(redis_server, sqlite_url):
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    q = Queue("ordered", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
+    for i in range(20):
+        assert not was_spilled(q.enqueue(jobs.noop, job_id=f"j{i:03d}"))
+    proxy.set_mode("refuse")
+    for i in range(20, 40):
+        assert was_spilled(q.enqueue(jobs.noop, job_id=f"j{i:03d}"))
+    proxy.set_mode("pass")
+    time.sleep(0.6)  # the prober has seen Redis up; the backlog is not replayed yet
+    for i in range(40, 60):
+        assert was_spilled(q.enqueue(jobs.noop, job_id=f"j{i:03d}")), "must keep spilling until drained"
+    replay_once(sqlite_url, redis_server.url)
+    time.sleep(0.15)
+    for i in range(60, 80):
+        assert not was_spilled(q.enqueue(jobs.noop, job_id=f"j{i:03d}")), "drained: back to direct"
+    ids = [x.decode() for x in redis_server.client().lrange("rq:queue:ordered", 0, -1)]
+    assert ids == [f"j{i:03d}" for i in range(80)]
+    proxy.close()
+
+
+def test_refused_redis_spills_fast_and_stays_cheap(sqlite_url):
+    q = Queue("fast", connection=dead_redis(), outbox=sqlite_url)
+    started = time.perf_counter()
+    q.enqueue(jobs.noop)
+    assert time.perf_counter() - started < 1.0
+    outbox = Outbox(sqlite_url)
+    raw, ours = [], []
+    for _ in range(100):
+        t = time.perf_counter()
+        outbox.pending_count("fast")  # a comparable database round trip
+        raw.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        q.enqueue(jobs.noop)
+        ours.append(time.perf_counter() - t)
+    ours.sort()
+    assert ours[98] < 0.05, f"p99 {ours[98] * 1000:.1f} ms while down"
+
+
+def test_stalled_redis_spills_within_a_second(redis_server, sqlite_url):
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    q = Queue("stall", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
+    q.enqueue(jobs.noop)  # warm: direct
+    proxy.set_mode("stall")
+    started = time.perf_counter()
+    job = q.enqueue(jobs.noop)
+    first = time.perf_counter() - started
+    assert was_spilled(job) and first < 1.0, first
+    started = time.perf_counter()
+    for _ in range(20):
+        q.enqueue(jobs.noop)
+    assert (time.perf_counter() - started) / 20 < 0.05
+    proxy.close()
+
+
+def test_oom_at_maxmemory_spills(make_redis, sqlite_url):
+    server = make_redis("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    client = server.client()
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        for i in range(10_000):
+            client.set(f"fill:{i}", b"x" * 1024)
+    job = Queue("oom", connection=server.client(), outbox=sqlite_url).enqueue(jobs.noop)
+    assert was_spilled(job)
+    assert not client.exists(f"rq:job:{job.id}")
+
+
+def test_readonly_replica_spills_then_replays_after_promotion(make_redis, sqlite_url):
+    primary = make_redis()
+    replica = make_redis("--replicaof", "127.0.0.1", str(primary.port))
+    job = Queue("ro", connection=replica.client(), outbox=sqlite_url).enqueue(jobs.noop, job_id="ro-1")
+    assert was_spilled(job)
+    primary.kill()
+    replica.client().replicaof("NO", "ONE")
+    replay_once(sqlite_url, replica.url)
+    assert replica.client().lrange("rq:queue:ro", 0, -1) == [b"ro-1"]
+
+
+def test_lost_reply_leaves_a_marker_and_replay_does_not_double(redis_server, sqlite_url):
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    q = Queue("amb", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
+    q.enqueue(jobs.noop)  # connection and server version in place
+    proxy.set_mode("drop_replies")
+    job = q.enqueue(jobs.noop, job_id="landed")
+    assert was_spilled(job)
+    client = redis_server.client()
+    assert client.exists(MARKER_PREFIX + "landed"), "the write landed with its marker"
+    out = replay_once(sqlite_url, redis_server.url, "--log-level", "INFO")
+    assert "already in redis" in out.stderr
+    assert client.lrange("rq:queue:amb", 0, -1).count(b"landed") == 1
+    proxy.close()
+
+
+def test_backlog_full_raises_and_stores_nothing_more(sqlite_url):
+    q = Queue("full", connection=dead_redis(), outbox=Outbox(sqlite_url, max_backlog=5))
+    for _ in range(5):
+        q.enqueue(jobs.noop)
+    with pytest.raises(BacklogFull):
+        q.enqueue(jobs.noop)
+    with pytest.raises(BacklogFull):
+        q.enqueue_many([q.prepare_data(jobs.noop) for _ in range(2)])
+    assert Outbox(sqlite_url).pending_count() == 5
+
+
+def test_locked_outbox_raises_outbox_unavailable_with_both_causes(sqlite_url):
+    import sqlite3
+
+    path = sqlite_url.removeprefix("sqlite:///")
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        q = Queue("locked", connection=dead_redis(), outbox=Outbox(sqlite_url, busy_timeout=0.2, max_backlog=0))
+        with pytest.raises(OutboxUnavailable) as caught:
+            q.enqueue(jobs.noop)
+        assert isinstance(caught.value.redis_error, redis.ConnectionError)
+        assert "locked" in str(caught.value.outbox_error)
+    finally:
+        locker.execute("ROLLBACK")
+    assert Outbox(sqlite_url).pending_count() == 0
+
+
+def test_unwritable_outbox_path_raises_outbox_unavailable(tmp_path):
+    q = Queue("nowhere", connection=dead_redis(), outbox=f"sqlite:///{tmp_path}/missing-dir/outbox.db")
+    with pytest.raises(OutboxUnavailable):
+        q.enqueue(jobs.noop)
+
+
+def test_missing_table_names_the_command_that_creates_it(tmp_path):
+    q = Queue("q", connection=dead_redis(), outbox=f"sqlite:///{tmp_path}/empty.db")
+    with pytest.raises(OutboxNotMigrated, match="spillover db upgrade"):
+        q.enqueue(jobs.noop)
+
+
+def test_bad_password_is_raised_not_spilled(make_redis, sqlite_url):
+    server = make_redis("--requirepass", "right")
+    q = Queue("auth", connection=server.client(password="wrong"), outbox=sqlite_url)
+    with pytest.raises(redis.AuthenticationError):
+        q.enqueue(jobs.noop)
+    assert Outbox(sqlite_url).pending_count() == 0
+
+
+def test_threads_share_one_queue_without_loss(redis_server, sqlite_url):
+    import threading
+
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    q = Queue("threads", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
+    errors: list[BaseException] = []
+
+    def produce(t: int) -> None:
+        try:
+            for i in range(100):
+                q.enqueue(jobs.noop, job_id=f"t{t}-{i:03d}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for mode in ("refuse", "pass", "stall", "pass"):
+        time.sleep(0.15)
+        proxy.set_mode(mode)
+    for thread in threads:
+        thread.join()
+    assert not errors
+    replay_once(sqlite_url, redis_server.url)
+    ids = [x.decode() for x in redis_server.client().lrange("rq:queue:threads", 0, -1)]
+    assert sorted(ids) == sorted(f"t{t}-{i:03d}" for t in range(8) for i in range(100))
+    for t in range(8):
+        mine = [i for i in ids if i.startswith(f"t{t}-")]
+        assert mine == sorted(mine), f"thread {t} out of order"
+    proxy.close()
+
+
+def test_forked_children_use_a_queue_made_before_the_fork(redis_server, sqlite_url, tmp_path):
+    import multiprocessing
+
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    q = Queue("forked", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
+    q.enqueue(jobs.noop, job_id="parent-direct")  # pools and engine exist before the fork
+    proxy.set_mode("refuse")
+    q.enqueue(jobs.noop, job_id="parent-spilled")
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_child_enqueue, args=(q, n)) for n in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    proxy.set_mode("pass")
+    replay_once(sqlite_url, redis_server.url)
+    ids = {x.decode() for x in redis_server.client().lrange("rq:queue:forked", 0, -1)}
+    assert ids == {"parent-direct", "parent-spilled"} | {f"c{n}-{i}" for n in range(4) for i in range(50)}
+    proxy.close()
+
+
+def _child_enqueue(q: Queue, n: int) -> None:
+    for i in range(50):
+        q.enqueue(jobs.noop, job_id=f"c{n}-{i}")
+
+
+def test_outbox_from_environment(monkeypatch, tmp_path: Path):
+    from spillover import migrate
+
+    url = f"sqlite:///{tmp_path}/env.db"
+    migrate.upgrade(url)
+    monkeypatch.setenv("SPILLOVER_DATABASE_URL", url)
+    job = Queue("env", connection=dead_redis()).enqueue(jobs.noop)
+    assert was_spilled(job) and Outbox(url).pending_count("env") == 1
