@@ -9,9 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import RedisServer, create_database, postgres_url  # noqa: E402
+from servers import RedisServer, create_database, postgres_url
 
-from spillover import migrate  # noqa: E402
+from spillover import migrate
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

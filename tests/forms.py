@@ -6,10 +6,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import jobs
 from rq import Callback, Retry
 from rq.job import Dependency
-
-import jobs
 
 AT = datetime(2031, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -20,10 +19,18 @@ def plain(q: Any) -> None:
 
 def options(q: Any) -> None:
     q.enqueue(
-        jobs.noop, {"a": [1, 2]}, job_id="options", job_timeout=30, result_ttl=600, ttl=3600, failure_ttl=900,
-        description="all the options", meta={"tenant": "acme", "n": 7},
+        jobs.noop,
+        {"a": [1, 2]},
+        job_id="options",
+        job_timeout=30,
+        result_ttl=600,
+        ttl=3600,
+        failure_ttl=900,
+        description="all the options",
+        meta={"tenant": "acme", "n": 7},
         retry=Retry(max=3, interval=[1, 5]),
-        on_success=Callback(jobs.on_success), on_failure=Callback(jobs.on_failure, timeout=12),
+        on_success=Callback(jobs.on_success),
+        on_failure=Callback(jobs.on_failure, timeout=12),
     )
 
 
@@ -50,9 +57,9 @@ def enqueue_in(q: Any) -> None:
 
 
 def enqueue_many(q: Any) -> None:
-    q.enqueue_many([
-        q.prepare_data(jobs.noop, (i,), job_id=f"many-{i}", timeout=20 + i, meta={"i": i}) for i in range(5)
-    ])
+    q.enqueue_many(
+        [q.prepare_data(jobs.noop, (i,), job_id=f"many-{i}", timeout=20 + i, meta={"i": i}) for i in range(5)]
+    )
 
 
 def depends_on_unfinished(q: Any) -> None:
@@ -67,6 +74,16 @@ def depends_on_missing(q: Any) -> None:
 
 FORMS: dict[str, Callable[[Any], None]] = {
     f.__name__: f
-    for f in (plain, options, by_name, at_front, enqueue_call, enqueue_at, enqueue_in, enqueue_many,
-              depends_on_unfinished, depends_on_missing)
+    for f in (
+        plain,
+        options,
+        by_name,
+        at_front,
+        enqueue_call,
+        enqueue_at,
+        enqueue_in,
+        enqueue_many,
+        depends_on_unfinished,
+        depends_on_missing,
+    )
 }

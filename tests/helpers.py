@@ -29,7 +29,9 @@ def snapshot(client: redis.Redis, keep_markers: bool = False) -> dict[str, Any]:
         kind = client.type(raw).decode()
         value: Any
         if kind == "hash":
-            value = {k.decode(): (b"<time>" if k.decode() in TIME_FIELDS else v) for k, v in client.hgetall(raw).items()}
+            value = {
+                k.decode(): (b"<time>" if k.decode() in TIME_FIELDS else v) for k, v in client.hgetall(raw).items()
+            }
         elif kind == "list":
             value = client.lrange(raw, 0, -1)
         elif kind == "set":
@@ -52,8 +54,19 @@ def env_with_tests() -> dict[str, str]:
 
 def replay_once(database_url: str, redis_url: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """The real `spillover-replay --once` command."""
-    cmd = [sys.executable, "-m", "spillover.cli_replay", "--once", "--database-url", database_url,
-           "--redis-url", redis_url, "--log-level", "WARNING", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spillover.cli_replay",
+        "--once",
+        "--database-url",
+        database_url,
+        "--redis-url",
+        redis_url,
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, check=check, env=env_with_tests(), timeout=120)
 
 
@@ -61,7 +74,10 @@ def run_worker(redis_url: str, *queues: str) -> None:
     """A real RQ worker in burst mode: runs what is queued, then exits."""
     subprocess.run(
         [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", redis_url, "-w", "rq.SimpleWorker", *queues],
-        check=True, capture_output=True, env=env_with_tests(), timeout=120,
+        check=True,
+        capture_output=True,
+        env=env_with_tests(),
+        timeout=120,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import jobs
 import pytest
 import redis
 import rq
@@ -12,7 +13,6 @@ from forms import FORMS, depends_on_unfinished
 from helpers import replay_once, run_worker, snapshot
 from servers import free_port
 
-import jobs
 from spillover import BacklogFull, Outbox, OutboxNotMigrated, OutboxUnavailable, Queue, was_spilled
 from spillover.faultproxy import FaultProxy
 from spillover.settings import MARKER_PREFIX
@@ -33,7 +33,7 @@ def test_healthy_path_writes_exactly_what_rq_writes(redis_server, sqlite_url):
         form(Queue("q", connection=ours, outbox=sqlite_url))
     assert snapshot(ours) == snapshot(native)
     # one marker per job spillover wrote, and nothing in the outbox
-    markers = {k.decode()[len(MARKER_PREFIX):] for k in ours.keys(MARKER_PREFIX + "*")}
+    markers = {k.decode()[len(MARKER_PREFIX) :] for k in ours.keys(MARKER_PREFIX + "*")}
     assert {"plain", "options", "at", "many-4", "child", "orphan"} <= markers
     assert Outbox(sqlite_url).pending_count() == 0
 
