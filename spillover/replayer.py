@@ -65,6 +65,7 @@ class Replayer:
         self.stopping = threading.Event()
         self._redis_up: bool | None = None
         self._purged_at = 0.0
+        self._retry_pending = False  # a row failed this pass and will be tried again
 
     # -- entry points ---------------------------------------------------------------
 
@@ -102,8 +103,9 @@ class Replayer:
                 raise ReplayError(f"replay lease held by {current.holder if current else 'another replayer'}")
             time.sleep(0.2)
         try:
-            while self.drain():
-                pass
+            while self.drain() or self._retry_pending:
+                if self._retry_pending:
+                    time.sleep(min(self.config.poll_interval, 1.0))  # do not hammer a failing row
         except RedisUnavailable as exc:
             raise ReplayError(f"redis became unavailable during replay: {exc}") from exc
         finally:
@@ -115,6 +117,7 @@ class Replayer:
 
     def drain(self) -> int:
         """One pass over every queue with pending rows; rows moved (delivered or dead)."""
+        self._retry_pending = False
         queues = self.config.queues or self.outbox.pending_queues()
         return sum(self.drain_queue(queue) for queue in queues if not self.stopping.is_set())
 
@@ -189,6 +192,7 @@ class Replayer:
             )
             return len(codes) + 1, False
         log.warning("row %d (job %s) failed (attempt %d): %s", failed.id, failed.job_id, failed.attempts + 1, error)
+        self._retry_pending = True
         return len(codes), True
 
     def _unreplayable(self, row: OutboxRow) -> str | None:

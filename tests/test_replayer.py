@@ -1,0 +1,168 @@
+"""spillover-replay as operators run it: the real command in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import redis
+from helpers import env_with_tests, replay_once, wait_for
+from servers import free_port
+
+import jobs
+from spillover import Outbox, Queue
+from spillover.schema import DONE, outbox
+
+
+def spill(url: str, queue: str, count: int, prefix: str = "j") -> list[str]:
+    q = Queue(queue, connection=redis.Redis(port=free_port()), outbox=url)
+    q.enqueue_many([q.prepare_data(jobs.noop, (i,), job_id=f"{prefix}{i:05d}") for i in range(count)])
+    return [f"{prefix}{i:05d}" for i in range(count)]
+
+
+def queued(client: redis.Redis, queue: str) -> list[str]:
+    return [x.decode() for x in client.lrange(f"rq:queue:{queue}", 0, -1)]
+
+
+def replayer(database_url: str, redis_url: str, *extra: str, script: str | None = None) -> subprocess.Popen[str]:
+    target = [script] if script else ["-m", "spillover.cli_replay"]
+    cmd = [sys.executable, *target, "--database-url", database_url, "--redis-url", redis_url, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_tests())
+
+
+def test_once_drains_in_order_and_exits_zero(redis_server, outbox_url):
+    ids = spill(outbox_url, "a", 1200) + spill(outbox_url, "b", 10, prefix="b")
+    out = replay_once(outbox_url, redis_server.url, "--batch-size", "500", "--log-level", "INFO")
+    assert "draining queue a: 1200 left" in out.stderr and "drained queue a" in out.stderr
+    client = redis_server.client()
+    assert queued(client, "a") == ids[:1200]
+    assert queued(client, "b") == ids[1200:]
+    assert Outbox(outbox_url).pending_count() == 0
+
+
+def test_once_with_redis_down_exits_non_zero_with_a_reason(sqlite_url):
+    spill(sqlite_url, "a", 3)
+    started = time.monotonic()
+    out = replay_once(sqlite_url, f"redis://127.0.0.1:{free_port()}/0", check=False)
+    assert out.returncode != 0 and time.monotonic() - started < 15
+    assert "Error: redis is unreachable" in out.stderr.strip().splitlines()[-1]
+    assert Outbox(sqlite_url).pending_count() == 3
+
+
+def test_killed_between_redis_write_and_outbox_commit_never_doubles(redis_server, outbox_url, tmp_path):
+    ids = spill(outbox_url, "crash", 1000)
+    from helpers import TESTS
+
+    crashed = replayer(
+        outbox_url, redis_server.url, "--once", "--batch-size", "300", script=str(TESTS / "crashing_replayer.py")
+    )
+    assert crashed.wait(60) == -signal.SIGKILL
+    client = redis_server.client()
+    assert queued(client, "crash") == ids[:300], "first batch reached Redis"
+    assert Outbox(outbox_url).pending_count() == 1000, "but its commit did not"
+    out = replay_once(outbox_url, redis_server.url, "--log-level", "INFO")
+    assert "300 job(s) already in redis" in out.stderr
+    assert queued(client, "crash") == ids
+    assert Outbox(outbox_url).pending_count() == 0
+
+
+def test_three_replayers_at_once_deliver_each_job_once_in_order(redis_server, outbox_url):
+    ids = spill(outbox_url, "multi", 3000)
+    procs = [
+        replayer(outbox_url, redis_server.url, "--poll-interval", "0.1", "--batch-size", "100", "--lease-ttl", "2")
+        for _ in range(3)
+    ]
+    outbox_ = Outbox(outbox_url)
+    wait_for(lambda: outbox_.pending_count() == 0, timeout=60)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        assert proc.wait(10) == 0
+    assert queued(redis_server.client(), "multi") == ids
+
+
+def test_sigterm_finishes_and_exits_zero_quickly(redis_server, sqlite_url):
+    proc = replayer(sqlite_url, redis_server.url, "--poll-interval", "0.2")
+    spill(sqlite_url, "live", 50)
+    wait_for(lambda: len(queued(redis_server.client(), "live")) == 50, timeout=20)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_replays_within_a_second_of_redis_coming_back(redis_server, sqlite_url):
+    redis_server.kill()
+    spill(sqlite_url, "back", 20)
+    proc = replayer(sqlite_url, redis_server.url, "--poll-interval", "0.2")
+    time.sleep(2)
+    redis_server.start()
+    back_at = time.monotonic()
+    wait_for(lambda: len(queued(redis_server.client(), "back")) == 20, timeout=10, interval=0.01)
+    assert time.monotonic() - back_at < 1.5
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert "waiting for it" in err and proc.returncode == 0
+
+
+def test_poison_row_goes_dead_and_the_rest_goes_on(redis_server, sqlite_url):
+    ids = spill(sqlite_url, "poison", 5)
+    client = redis_server.client()
+    client.set(f"rq:job:{ids[2]}", "not a hash")  # HSET on it fails with WRONGTYPE
+    out = replay_once(sqlite_url, redis_server.url, "--max-attempts", "2", "--poll-interval", "0.05")
+    assert "dead" in out.stderr
+    assert queued(client, "poison") == ids[:2] + ids[3:]
+    dead = Outbox(sqlite_url).dead_rows()
+    assert [row["job_id"] for row in dead] == [ids[2]] and "WRONGTYPE" in dead[0]["last_error"]
+
+    cli = [sys.executable, "-m", "spillover"]
+    listed = subprocess.run([*cli, "dead", "list", "--database-url", sqlite_url], capture_output=True, text=True)
+    assert ids[2] in listed.stdout
+    client.delete(f"rq:job:{ids[2]}")
+    retried = subprocess.run(
+        [*cli, "dead", "retry", str(dead[0]["id"]), "--database-url", sqlite_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "1 row(s) back to pending" in retried.stdout
+    replay_once(sqlite_url, redis_server.url)
+    assert queued(client, "poison") == ids[:2] + ids[3:] + [ids[2]]
+
+
+def test_retention_keeps_replayed_rows_as_done(redis_server, sqlite_url):
+    spill(sqlite_url, "kept", 10)
+    replay_once(sqlite_url, redis_server.url, "--retention", "3600")
+    ob = Outbox(sqlite_url)
+    assert ob.pending_count() == 0
+    with ob.engine.connect() as conn:
+        states = [row.state for row in conn.execute(outbox.select())]
+    assert states == [DONE] * 10
+
+
+def test_status_reports_queues_redis_and_lease(redis_server, sqlite_url):
+    spill(sqlite_url, "s1", 4)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spillover",
+            "status",
+            "--json",
+            "--database-url",
+            sqlite_url,
+            "--redis-url",
+            redis_server.url.replace("127.0.0.1", "user:secret@127.0.0.1"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    assert report["queues"][0]["queue"] == "s1" and report["queues"][0]["pending"] == 4
+    assert report["queues"][0]["oldest_age_s"] >= 0
+    assert report["lease"] is None
+    assert "secret" not in out.stdout and "***" in report["redis"]["url"]
