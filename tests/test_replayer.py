@@ -8,11 +8,11 @@ import subprocess
 import sys
 import time
 
+import jobs
 import redis
 from helpers import env_with_tests, replay_once, wait_for
 from servers import free_port
 
-import jobs
 from spillover import Outbox, Queue
 from spillover.schema import DONE, outbox
 
