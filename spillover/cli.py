@@ -180,7 +180,7 @@ def status(redis_url: str, database_url: str, as_json: bool) -> None:
     except SpilloverError as exc:
         raise click.ClickException(str(exc)) from None
     redis_state = _redis_state(redis_url)
-    report = {
+    report: dict[str, Any] = {
         "outbox": outbox.url,
         "redis": {"url": settings.redact(redis_url), "state": redis_state},
         "lease": None if holder is None else {"holder": holder.holder, "expires_in_s": round(holder.expires_in, 1)},

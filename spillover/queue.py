@@ -115,7 +115,7 @@ def was_spilled(job: Job) -> bool:
     return bool(getattr(job, "spilled", False))
 
 
-class Queue(rq.Queue):  # type: ignore[misc]
+class Queue(rq.Queue):
     """Drop-in ``rq.Queue``; adds ``outbox=`` (URL, Engine or Outbox) and bounded Redis time.
 
     Jobs carry their final id either way; ``was_spilled(job)`` tells which way they went.
@@ -249,7 +249,7 @@ class Queue(rq.Queue):  # type: ignore[misc]
             ambiguous = error is not None and is_ambiguous(error)
             self._append(state, spill(ambiguous), error or self.health.last_error)
         for job in jobs:
-            job.spilled = True
+            setattr(job, "spilled", True)  # noqa: B010 - Job has no such field
 
     def _try_direct(self, jobs: Sequence[Job], direct: Callable[[Pipeline], None]) -> BaseException | None:
         """Write to Redis; None on success, the error when Redis is unavailable; raise otherwise."""
@@ -273,7 +273,7 @@ class Queue(rq.Queue):  # type: ignore[misc]
             for job in jobs:
                 job.connection = self.connection
         for job in jobs:
-            job.spilled = False
+            setattr(job, "spilled", False)  # noqa: B010
         return None
 
     def _may_resume(self, state: _SpillState) -> bool:

@@ -15,9 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from redis.connection import Encoder
 
-_encoder = Encoder(encoding="utf-8", encoding_errors="strict", decode_responses=False)
+def encode_value(value: Any) -> bytes:
+    """A hash value as redis-py sends it (its ``Encoder``): bytes as is, numbers by repr, str as UTF-8."""
+    if isinstance(value, (bytes, memoryview)):
+        return bytes(value)
+    if isinstance(value, bool):
+        raise TypeError(f"invalid job hash value {value!r}: redis does not take booleans")
+    if isinstance(value, (int, float)):
+        return repr(value).encode()
+    if isinstance(value, str):
+        return value.encode("utf-8")  # a str Enum (JobStatus) gives its value, as in redis-py
+    raise TypeError(f"invalid job hash value of type {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,7 @@ def encode_hash(mapping: dict[str, Any]) -> str:
     text: dict[str, str] = {}
     binary: dict[str, str] = {}
     for field, value in mapping.items():
-        raw = _encoder.encode(value)
+        raw = encode_value(value)
         try:
             text[field] = raw.decode("utf-8")
         except UnicodeDecodeError:
