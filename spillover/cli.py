@@ -261,6 +261,47 @@ def dead_purge(database_url: str, row_id: int | None, all_rows: bool) -> None:
     click.echo(f"{count} row(s) deleted")
 
 
+@main.command()
+@click.option(
+    "--redis-url",
+    envvar="SPILLOVER_REDIS_URL",
+    show_envvar=True,
+    default=None,
+    help="Redis to rehearse against (through a proxy; nothing is cut on the real server). "
+    "Default: a throwaway redis-server.",
+)
+@click.option(
+    "--database-url",
+    envvar="SPILLOVER_DATABASE_URL",
+    show_envvar=True,
+    default=None,
+    help="Outbox to use. Default: a SQLite file in a temporary directory.",
+)
+@click.option("--jobs", default=300, type=click.IntRange(3), help="Jobs to enqueue.")
+def drill(redis_url: str | None, database_url: str | None, jobs: int) -> None:
+    """Rehearse a Redis outage: enqueue, cut Redis, spill, restore, replay, execute, count."""
+    import tempfile
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from .drill import default_database_url, format_report, run_drill, throwaway_redis
+
+    _setup_logging("WARNING")
+    with ExitStack() as stack:
+        if redis_url is None:
+            redis_url = stack.enter_context(throwaway_redis())
+        if database_url is None:
+            database_url = default_database_url(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        click.echo(f"drill: redis {settings.redact(redis_url)}, outbox {settings.redact(database_url)}")
+        with click.progressbar(length=jobs, label="enqueueing (redis cut a third of the way in)") as bar:
+            report = run_drill(
+                redis_url, database_url, jobs, lambda stage, n: bar.update(n) if stage == "enqueue" else None
+            )
+        click.echo(format_report(report))
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def _need_target(row_id: int | None, all_rows: bool) -> None:
     if (row_id is None) == (not all_rows):
         raise click.UsageError("give exactly one of ROW_ID or --all")
