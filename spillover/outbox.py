@@ -37,7 +37,7 @@ class OutboxRow:
     id: int
     queue: str
     job_id: str
-    job_hash: str
+    job_hash: bytes
     at_front: bool
     scheduled_at: int | None
     ambiguous: bool

@@ -7,9 +7,9 @@ write whose reply was lost can be recognised later and never pushed twice.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from redis.backoff import NoBackoff
@@ -30,6 +30,7 @@ from rq.queue import Queue as RQQueue
 from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
 
 from .settings import MARKER_PREFIX, PROBE_KEY
+from .stored_job import msgpack_array_header, msgpack_str
 
 # Replies that mean "this server cannot take writes right now", not "you asked wrong".
 _UNAVAILABLE_REPLIES = ("LOADING", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
@@ -99,7 +100,7 @@ class ReplayScript:
         self.marker_ttl = marker_ttl
         self._script = client.register_script(load_script("replay.lua"))
 
-    def push(self, queue_name: str, rows: list[ReplayItem]) -> tuple[list[int], str | None]:
+    def push(self, queue_name: str, rows: Sequence[ReplayItem]) -> tuple[list[int], str | None]:
         """Codes per processed row (see replay.lua) and the error that stopped the batch, if any."""
         args: list[Any] = [
             RQQueue.redis_queue_namespace_prefix + queue_name,
@@ -109,36 +110,36 @@ class ReplayScript:
             DeferredJobRegistry.key_template.format(queue_name),
             MARKER_PREFIX,
             self.marker_ttl,
-            len(rows),
+            pack_rows(rows),
         ]
-        for row in rows:
-            args += [row.job_id, 1 if row.at_front else 0, "" if row.scheduled_at is None else row.scheduled_at]
-            args += [row.ttl if row.ttl else "", len(row.dependency_ids), *row.dependency_ids, len(row.fields)]
-            for name, value in row.fields.items():
-                args += [name, value]
         reply = self._script(keys=[], args=args)
-        codes = [int(code) for code in reply[0]]
+        codes = [int(code) for code in reply[0].decode()]
         error = reply[1].decode("utf-8", "replace") if len(reply) > 1 else None
         return codes, error
 
 
-class ReplayItem:
-    """One job as the replay script needs it."""
+def pack_rows(rows: Sequence[ReplayItem]) -> bytes:
+    """One MessagePack array of {job_id, at_front, scheduled_at, stored job hash} arrays."""
+    parts = [msgpack_array_header(len(rows))]
+    for row in rows:
+        scheduled = b"" if row.scheduled_at is None else str(row.scheduled_at).encode()
+        parts += [_ROW_HEADER, msgpack_str(row.job_id.encode()), _FRONT if row.at_front else _BACK]
+        parts += [msgpack_str(scheduled), row.job_hash]  # the stored hash is a MessagePack array already
+    return b"".join(parts)
 
-    __slots__ = ("at_front", "dependency_ids", "fields", "job_id", "scheduled_at", "ttl")
 
-    def __init__(
-        self,
-        job_id: str,
-        fields: dict[str, bytes],
-        at_front: bool,
-        scheduled_at: int | None,
-    ) -> None:
-        self.job_id = job_id
-        self.fields = fields
-        self.at_front = at_front
-        self.scheduled_at = scheduled_at
-        ttl = fields.get("ttl")
-        self.ttl = int(ttl) if ttl else None
-        deps = fields.get("dependency_ids")
-        self.dependency_ids: list[str] = json.loads(deps) if deps else []
+_ROW_HEADER = msgpack_array_header(4)
+_FRONT, _BACK = msgpack_str(b"1"), msgpack_str(b"0")
+
+
+class ReplayItem(Protocol):
+    """What the replay script needs of a stored job (an outbox row has it all)."""
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def job_hash(self) -> bytes: ...
+    @property
+    def at_front(self) -> bool: ...
+    @property
+    def scheduled_at(self) -> int | None: ...

@@ -24,7 +24,6 @@ from .errors import ReplayError
 from .lease import Lease
 from .outbox import Outbox, OutboxRow
 from .redis_side import ReplayItem, ReplayScript, is_outage, probe_write
-from .stored_job import decode_hash
 
 log = logging.getLogger("spillover.replay")
 
@@ -147,11 +146,8 @@ class Replayer:
         for row in rows:
             problem = self._unreplayable(row)
             if problem is None:
-                try:
-                    items.append(ReplayItem(row.job_id, decode_hash(row.job_hash), row.at_front, row.scheduled_at))
-                    continue
-                except (ValueError, KeyError, TypeError) as exc:
-                    problem = f"stored job cannot be decoded: {exc!r}"
+                items.append(row)
+                continue
             # Rows before the bad one go first, then the bad one is set aside (order kept).
             moved = self._push(queue, rows[: len(items)], items)[0] if items else 0
             if moved < len(items):

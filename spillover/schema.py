@@ -17,6 +17,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -43,8 +44,8 @@ outbox = Table(
     Column("id", _row_id, primary_key=True, autoincrement=True),
     Column("queue", String(255), nullable=False),
     Column("job_id", String(255), nullable=False),
-    # JSON of the RQ job hash; binary fields (pickled data, meta) base64 encoded.
-    Column("job_hash", Text, nullable=False),
+    # The RQ job hash as netstrings: field, value, field, value ... (see stored_job.py).
+    Column("job_hash", LargeBinary, nullable=False),
     Column("at_front", Boolean, nullable=False, server_default="0"),
     # enqueue_at / enqueue_in: Unix time RQ scores the scheduled registry with.
     Column("scheduled_at", BigInteger, nullable=True),

@@ -7,9 +7,8 @@ written, without importing the job's function or unpickling its arguments.
 
 from __future__ import annotations
 
-import base64
 import calendar
-import json
+import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -35,31 +34,52 @@ class SpilledJob:
 
     queue: str
     job_id: str
-    job_hash: str
+    job_hash: bytes
     at_front: bool = False
     scheduled_at: int | None = None
     ambiguous: bool = False
 
 
-def encode_hash(mapping: dict[str, Any]) -> str:
-    """JSON of a job hash as redis-py would send it; binary values base64-encoded."""
-    text: dict[str, str] = {}
-    binary: dict[str, str] = {}
-    for field, value in mapping.items():
-        raw = encode_value(value)
-        try:
-            text[field] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            binary[field] = base64.b64encode(raw).decode("ascii")
-    return json.dumps({"s": text, "b": binary}, separators=(",", ":"))
+def encode_hash(mapping: dict[str, Any]) -> bytes:
+    """The job hash as redis-py would send it: field, value, ... as one MessagePack array.
+
+    Every item is a MessagePack str32 holding raw bytes, so binary values (pickled
+    data, meta) are kept as they are and the replay script unpacks a whole job with
+    one ``cmsgpack.unpack`` call: the replayer passes the stored bytes through untouched.
+    """
+    parts = [
+        field.encode() if i % 2 == 0 else encode_value(field)
+        for pair in mapping.items()
+        for i, field in enumerate(pair)
+    ]
+    return b"".join([_ARRAY32.pack(0xDD, len(parts)), *(_STR32.pack(0xDB, len(p)) + p for p in parts)])
 
 
-def decode_hash(job_hash: str) -> dict[str, bytes]:
+def decode_hash(job_hash: bytes) -> dict[str, bytes]:
     """The job hash as the field -> bytes mapping Redis will hold."""
-    parsed = json.loads(job_hash)
-    fields = {field: value.encode("utf-8") for field, value in parsed["s"].items()}
-    fields.update({field: base64.b64decode(value) for field, value in parsed["b"].items()})
-    return fields
+    marker, count = _ARRAY32.unpack_from(job_hash, 0)
+    if marker != 0xDD:
+        raise ValueError("not a stored job hash")
+    parts, pos = [], _ARRAY32.size
+    for _ in range(count):
+        _, length = _STR32.unpack_from(job_hash, pos)
+        pos += _STR32.size
+        parts.append(job_hash[pos : pos + length])
+        pos += length
+    return {parts[i].decode(): parts[i + 1] for i in range(0, len(parts), 2)}
+
+
+_ARRAY32 = struct.Struct(">BI")
+_STR32 = struct.Struct(">BI")
+
+
+def msgpack_array_header(length: int) -> bytes:
+    return _ARRAY32.pack(0xDD, length)
+
+
+def msgpack_str(raw: bytes) -> bytes:
+    """A MessagePack str32 carrying raw bytes (Lua strings are bytes; cmsgpack has no bin type)."""
+    return _STR32.pack(0xDB, len(raw)) + raw
 
 
 def schedule_timestamp(when: datetime) -> int:

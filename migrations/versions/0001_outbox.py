@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("id", row_id, primary_key=True, autoincrement=True),
         sa.Column("queue", sa.String(255), nullable=False),
         sa.Column("job_id", sa.String(255), nullable=False),
-        sa.Column("job_hash", sa.Text(), nullable=False),
+        sa.Column("job_hash", sa.LargeBinary(), nullable=False),
         sa.Column("at_front", sa.Boolean(), nullable=False, server_default="0"),
         sa.Column("scheduled_at", sa.BigInteger(), nullable=True),
         sa.Column("ambiguous", sa.Boolean(), nullable=False, server_default="0"),

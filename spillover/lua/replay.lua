@@ -6,19 +6,21 @@
 -- set the marker LAST, so a row that fails half-way is simply written again.
 --
 -- ARGV: queue_key, queues_set, job_prefix, scheduled_key, deferred_key,
---       marker_prefix, marker_ttl, row_count, then per row:
---       job_id, at_front (0/1), scheduled_at ('' = now), ttl ('' = none),
---       dep_count, dep_id..., field_count, field, value, ...
--- Returns {codes, error}: one code per processed row (0 duplicate, 1 queued,
--- 2 deferred, 3 scheduled); processing stops at the first failing row, whose
--- error text is the second element.
+--       marker_prefix, marker_ttl, rows.
+-- rows is one MessagePack array with, per row, the array
+--       {job_id, at_front (0/1), scheduled_at ('' = now), job hash}
+-- and the job hash is itself the MessagePack array (field, value, ...) that
+-- the producer stored in the outbox. The replayer splices the stored bytes in
+-- without decoding them, and cmsgpack unpacks the whole batch in one C call.
+-- Returns {codes, error}: a string with one digit per processed row
+-- (0 duplicate, 1 queued, 2 deferred, 3 scheduled); processing stops at the
+-- first failing row, whose error text is the second element.
 
 local queue_key, queues_set, job_prefix = ARGV[1], ARGV[2], ARGV[3]
 local scheduled_key, deferred_key = ARGV[4], ARGV[5]
 local marker_prefix, marker_ttl = ARGV[6], ARGV[7]
-local row_count = tonumber(ARGV[8])
+local rows = cmsgpack.unpack(ARGV[8])
 local codes = {}
-local i = 9
 
 local function write(...)
   local reply = redis.pcall(...)
@@ -35,7 +37,12 @@ local function must_defer(deps)
   return false
 end
 
-local function replay_row(job_id, at_front, scheduled_at, ttl, deps, fields)
+local function replay_row(job_id, at_front, scheduled_at, fields)
+  local ttl, deps = '', {}
+  for f = 1, #fields, 2 do
+    if fields[f] == 'ttl' then ttl = fields[f + 1]
+    elseif fields[f] == 'dependency_ids' then deps = cjson.decode(fields[f + 1]) end
+  end
   local job_key = job_prefix .. job_id
   local marker = marker_prefix .. job_id
   if redis.call('EXISTS', marker) == 1 then return 0 end
@@ -43,17 +50,19 @@ local function replay_row(job_id, at_front, scheduled_at, ttl, deps, fields)
   local code = 1
   if scheduled_at ~= '' then code = 3 elseif #deps > 0 and must_defer(deps) then code = 2 end
 
-  write('SADD', queues_set, queue_key)
-  local hash = {}
-  for f = 1, #fields, 2 do
-    local name, value = fields[f], fields[f + 1]
-    if code == 2 and name == 'status' then value = 'deferred' end
-    if not (code == 2 and name == 'enqueued_at') then
-      hash[#hash + 1] = name
-      hash[#hash + 1] = value
+  if code == 2 then
+    -- RQ saves a deferred job with status 'deferred' and no enqueued_at.
+    local hash = {}
+    for f = 1, #fields, 2 do
+      local name = fields[f]
+      if name ~= 'enqueued_at' then
+        hash[#hash + 1] = name
+        hash[#hash + 1] = (name == 'status') and 'deferred' or fields[f + 1]
+      end
     end
+    fields = hash
   end
-  write('HSET', job_key, unpack(hash))
+  write('HSET', job_key, unpack(fields))
   if code == 2 then
     write('ZADD', deferred_key, redis.call('TIME')[1], job_id)
     for _, dep in ipairs(deps) do
@@ -75,19 +84,13 @@ local function replay_row(job_id, at_front, scheduled_at, ttl, deps, fields)
   return code
 end
 
-for row = 1, row_count do
-  local job_id, at_front, scheduled_at, ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local dep_count = tonumber(ARGV[i + 4])
-  i = i + 5
-  local deps = {}
-  for d = 1, dep_count do deps[d] = ARGV[i]; i = i + 1 end
-  local field_count = tonumber(ARGV[i])
-  i = i + 1
-  local fields = {}
-  for f = 1, 2 * field_count do fields[f] = ARGV[i]; i = i + 1 end
+-- RQ registers the queue with every enqueue; once per batch is the same set.
+local registered, failure = pcall(write, 'SADD', queues_set, queue_key)
+if not registered then return {'', tostring(failure)} end
 
-  local ok, result = pcall(replay_row, job_id, at_front, scheduled_at, ttl, deps, fields)
-  if not ok then return {codes, tostring(result)} end
-  codes[row] = result
+for n, row in ipairs(rows) do
+  local ok, result = pcall(replay_row, row[1], row[2], row[3], row[4])
+  if not ok then return {table.concat(codes), tostring(result)} end
+  codes[n] = result
 end
-return {codes}
+return {table.concat(codes)}
