@@ -8,6 +8,7 @@ within ``ttl`` seconds of the holder dying.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, delete, insert, or_, select, text, update
@@ -39,9 +40,28 @@ class Lease:
         self.holder = holder
         self.ttl = ttl
         self.name = name
+        self._renewed_at = -1e9
+
+    def hold(self) -> bool:
+        """Still ours? Renews in the database only once a third of the TTL has passed.
+
+        A holder that stalled past that (paused, swapped) renews before it goes on,
+        and stops if a standby has taken over meanwhile.
+        """
+        if time.monotonic() - self._renewed_at < self.ttl / 3:
+            return True
+        return self.acquire()
 
     def acquire(self) -> bool:
         """Take or renew the lease; False while another live holder has it."""
+        started = time.monotonic()
+        if self._take():
+            self._renewed_at = started
+            return True
+        self._renewed_at = -1e9
+        return False
+
+    def _take(self) -> bool:
         with self.engine.begin() as conn:
             now = db_now(conn)
             taken = conn.execute(
@@ -61,6 +81,7 @@ class Lease:
         return True
 
     def release(self) -> None:
+        self._renewed_at = -1e9
         with self.engine.begin() as conn:
             conn.execute(delete(lease).where(lease.c.name == self.name, lease.c.holder == self.holder))
 

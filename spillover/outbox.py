@@ -15,8 +15,7 @@ import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
@@ -30,9 +29,8 @@ from .stored_job import SpilledJob
 _READ = {"spillover_begin": "DEFERRED"}
 
 
-@dataclass(frozen=True)
-class OutboxRow:
-    """A pending row as the replayer reads it."""
+class OutboxRow(NamedTuple):
+    """A pending row as the replayer reads it (a tuple: thousands are built per second)."""
 
     id: int
     queue: str
@@ -214,7 +212,7 @@ class Outbox:
             .limit(limit)
         )
         with self._transaction(read_only=True) as conn:
-            return [OutboxRow(*row) for row in conn.execute(query)]
+            return [OutboxRow._make(row) for row in conn.execute(query).tuples()]
 
     def mark_delivered(self, ids: Sequence[int], keep: bool) -> None:
         """Rows now in Redis: delete them, or keep them as ``done`` for retention."""

@@ -127,7 +127,7 @@ class Replayer:
         log.info("draining queue %s: %d left", queue, left)
         started, moved = time.monotonic(), 0
         while not self.stopping.is_set():
-            if not self.lease.acquire():
+            if not self.lease.hold():
                 log.warning("lost the replay lease; stopping the drain of %s", queue)
                 break
             rows = self.outbox.fetch_pending(queue, self.config.batch_size)
