@@ -192,8 +192,8 @@ class Outbox:
         with self._transaction(read_only=True) as conn:
             return sorted(conn.scalars(query))
 
-    def fetch_pending(self, queue: str, limit: int) -> list[OutboxRow]:
-        """The oldest ``limit`` pending rows of ``queue``, in replay order."""
+    def fetch_pending(self, queue: str, limit: int, after_id: int = 0) -> list[OutboxRow]:
+        """The oldest ``limit`` pending rows of ``queue`` past ``after_id``, in replay order."""
         age = _age_seconds(self.engine)
         query = (
             select(
@@ -207,7 +207,7 @@ class Outbox:
                 outbox.c.attempts,
                 age,
             )
-            .where(outbox.c.queue == queue, outbox.c.state == PENDING)
+            .where(outbox.c.queue == queue, outbox.c.state == PENDING, outbox.c.id > after_id)
             .order_by(outbox.c.id)
             .limit(limit)
         )

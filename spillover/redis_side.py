@@ -19,6 +19,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ConnectionError,
     MaxConnectionsError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
@@ -93,15 +94,22 @@ def load_script(name: str) -> str:
 
 
 class ReplayScript:
-    """The replay Lua script bound to one client: one call pushes a whole batch."""
+    """The replay Lua script on one client: one call pushes a whole batch.
+
+    ``start`` sends the call and returns at once, so the caller can do its
+    database work while Redis runs the script; ``PendingPush.result`` reads the reply.
+    """
 
     def __init__(self, client: redis.Redis, marker_ttl: int) -> None:
         self.client = client
         self.marker_ttl = marker_ttl
-        self._script = client.register_script(load_script("replay.lua"))
+        self.source = load_script("replay.lua")
+        self.sha: str | None = None
 
     def push(self, queue_name: str, rows: Sequence[ReplayItem]) -> tuple[list[int], str | None]:
-        """Codes per processed row (see replay.lua) and the error that stopped the batch, if any."""
+        return self.start(queue_name, rows).result()
+
+    def start(self, queue_name: str, rows: Sequence[ReplayItem]) -> PendingPush:
         args: list[Any] = [
             RQQueue.redis_queue_namespace_prefix + queue_name,
             RQQueue.redis_queues_keys,
@@ -112,7 +120,42 @@ class ReplayScript:
             self.marker_ttl,
             pack_rows(rows),
         ]
-        reply = self._script(keys=[], args=args)
+        return self._send(args)
+
+    def _send(self, args: list[Any]) -> PendingPush:
+        if self.sha is None:
+            self.sha = str(self.client.script_load(self.source))
+        pool = self.client.connection_pool
+        conn: Any = pool.get_connection()
+        try:
+            conn.send_command("EVALSHA", self.sha, 0, *args)
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return PendingPush(self, conn, args)
+
+
+class PendingPush:
+    """A replay call in flight on one connection."""
+
+    def __init__(self, script: ReplayScript, conn: Any, args: list[Any]) -> None:
+        self.script, self.conn, self.args = script, conn, args
+
+    def result(self) -> tuple[list[int], str | None]:
+        """Codes per processed row (see replay.lua) and the error that stopped the batch, if any."""
+        pool = self.script.client.connection_pool
+        try:
+            reply = self.conn.read_response()
+        except NoScriptError:  # Redis restarted and lost its script cache: load it again
+            pool.release(self.conn)
+            self.script.sha = None
+            return self.script._send(self.args).result()
+        except BaseException:
+            self.conn.disconnect()
+            pool.release(self.conn)
+            raise
+        pool.release(self.conn)
         codes = [int(code) for code in reply[0].decode()]
         error = reply[1].decode("utf-8", "replace") if len(reply) > 1 else None
         return codes, error

@@ -10,6 +10,7 @@ a row that fails stops its queue until it succeeds or is declared dead.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -23,7 +24,7 @@ import redis
 from .errors import ReplayError
 from .lease import Lease
 from .outbox import Outbox, OutboxRow
-from .redis_side import ReplayItem, ReplayScript, is_outage, probe_write
+from .redis_side import PendingPush, ReplayScript, is_outage, probe_write
 
 log = logging.getLogger("spillover.replay")
 
@@ -121,75 +122,102 @@ class Replayer:
         return sum(self.drain_queue(queue) for queue in queues if not self.stopping.is_set())
 
     def drain_queue(self, queue: str) -> int:
+        """Replay ``queue`` oldest row first; rows moved (delivered or dead).
+
+        While Redis runs the script for one batch, the replayer removes the
+        previous batch from the outbox and reads the next one.
+        """
         left = self.outbox.pending_count(queue)
         if not left:
             return 0
         log.info("draining queue %s: %d left", queue, left)
-        started, moved = time.monotonic(), 0
-        while not self.stopping.is_set():
-            if not self.lease.hold():
-                log.warning("lost the replay lease; stopping the drain of %s", queue)
-                break
-            rows = self.outbox.fetch_pending(queue, self.config.batch_size)
-            if not rows:
-                log.info("drained queue %s: %d rows in %.2f s", queue, moved, time.monotonic() - started)
-                break
-            done, blocked = self._replay_batch(queue, rows)
-            moved += done
-            if blocked:
-                break
+        started, moved, size = time.monotonic(), 0, self.config.batch_size
+        confirmed: list[int] = []  # in Redis, not yet removed from the outbox
+        rows = self.outbox.fetch_pending(queue, size)
+        try:
+            while rows and not self.stopping.is_set():
+                if not self.lease.hold():
+                    log.warning("lost the replay lease; stopping the drain of %s", queue)
+                    break
+                good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
+                push = self._start(queue, good) if good else None
+                self._confirm(confirmed)
+                after = rows[-1].id if len(good) == len(rows) else rows[len(good)].id
+                upcoming = self.outbox.fetch_pending(queue, size, after_id=after)
+                if push is not None:
+                    codes, error = self._finish(push)
+                    confirmed = [row.id for row in good[: len(codes)]]
+                    moved += len(codes)
+                    self._count(queue, codes)
+                    if error is not None:
+                        self._confirm(confirmed)
+                        if not self._failed(good[len(codes)], error):
+                            break  # the queue waits for this row: order first
+                        moved += 1
+                        upcoming = self.outbox.fetch_pending(queue, size, after_id=good[len(codes)].id)
+                        rows = upcoming
+                        continue
+                if len(good) < len(rows):
+                    bad = rows[len(good)]
+                    self._confirm(confirmed)
+                    self._kill(bad, str(self._unreplayable(bad)))
+                    moved += 1
+                rows = upcoming
+        finally:
+            self._confirm(confirmed)
+        if not rows:
+            log.info("drained queue %s: %d rows in %.2f s", queue, moved, time.monotonic() - started)
         return moved
 
-    def _replay_batch(self, queue: str, rows: list[OutboxRow]) -> tuple[int, bool]:
-        """Push a batch; (rows moved, whether the queue is blocked by a failing row)."""
-        items: list[ReplayItem] = []
-        for row in rows:
-            problem = self._unreplayable(row)
-            if problem is None:
-                items.append(row)
-                continue
-            # Rows before the bad one go first, then the bad one is set aside (order kept).
-            moved = self._push(queue, rows[: len(items)], items)[0] if items else 0
-            if moved < len(items):
-                return moved, True
-            self.outbox.mark_dead(row.id, problem)
-            self.stats.dead += 1
-            log.error("row %d (job %s) is dead: %s", row.id, row.job_id, problem)
-            return moved + 1, False
-        moved, blocked = self._push(queue, rows, items)
-        return moved, blocked
-
-    def _push(self, queue: str, rows: list[OutboxRow], items: list[ReplayItem]) -> tuple[int, bool]:
+    def _start(self, queue: str, rows: list[OutboxRow]) -> PendingPush:
         try:
-            codes, error = self.script.push(queue, items)
+            return self.script.start(queue, rows)
         except redis.RedisError as exc:
-            if is_outage(exc):
-                self._set_redis_up(False, exc)
-                raise RedisUnavailable(str(exc)) from exc
-            raise
-        delivered = rows[: len(codes)]
-        self.outbox.mark_delivered([row.id for row in delivered], keep=self.config.retention > 0)
+            raise self._redis_failed(exc) from exc
+
+    def _finish(self, push: PendingPush) -> tuple[list[int], str | None]:
+        try:
+            codes, error = push.result()
+        except redis.RedisError as exc:
+            raise self._redis_failed(exc) from exc
+        if error is not None and error.upper().startswith(_TRANSIENT_SCRIPT_ERRORS):
+            self._set_redis_up(False, error)
+            raise RedisUnavailable(error)
+        return codes, error
+
+    def _redis_failed(self, exc: redis.RedisError) -> BaseException:
+        if not is_outage(exc):
+            return exc
+        self._set_redis_up(False, exc)
+        return RedisUnavailable(str(exc))
+
+    def _confirm(self, ids: list[int]) -> None:
+        """Remove rows Redis has confirmed from the outbox (or keep them as done)."""
+        if ids:
+            self.outbox.mark_delivered(ids, keep=self.config.retention > 0)
+            ids.clear()
+
+    def _count(self, queue: str, codes: list[int]) -> None:
         duplicates = codes.count(0)
         self.stats.duplicates += duplicates
         self.stats.replayed += len(codes) - duplicates
         if duplicates:
             log.info("queue %s: %d job(s) already in redis, not pushed again", queue, duplicates)
-        if error is None:
-            return len(codes), False
-        failed = rows[len(codes)]
-        if error.upper().startswith(_TRANSIENT_SCRIPT_ERRORS):
-            self._set_redis_up(False, error)
-            raise RedisUnavailable(error)
-        dead = self.outbox.record_failure(failed.id, error, self.config.max_attempts)
-        if dead:
+
+    def _failed(self, row: OutboxRow, error: str) -> bool:
+        """Count a non-transient failure of ``row``; True if it is now dead (the queue may go on)."""
+        if self.outbox.record_failure(row.id, error, self.config.max_attempts):
             self.stats.dead += 1
-            log.error(
-                "row %d (job %s) is dead after %d attempts: %s", failed.id, failed.job_id, failed.attempts + 1, error
-            )
-            return len(codes) + 1, False
-        log.warning("row %d (job %s) failed (attempt %d): %s", failed.id, failed.job_id, failed.attempts + 1, error)
+            log.error("row %d (job %s) is dead after %d attempts: %s", row.id, row.job_id, row.attempts + 1, error)
+            return True
+        log.warning("row %d (job %s) failed (attempt %d): %s", row.id, row.job_id, row.attempts + 1, error)
         self._retry_pending = True
-        return len(codes), True
+        return False
+
+    def _kill(self, row: OutboxRow, problem: str) -> None:
+        self.outbox.mark_dead(row.id, problem)
+        self.stats.dead += 1
+        log.error("row %d (job %s) is dead: %s", row.id, row.job_id, problem)
 
     def _unreplayable(self, row: OutboxRow) -> str | None:
         if row.ambiguous and row.age_seconds > self.config.marker_ttl:
