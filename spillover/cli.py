@@ -118,6 +118,14 @@ def _setup_logging(level: str) -> None:
     help="Seconds before a dead replayer's lease passes to a standby.",
 )
 @click.option(
+    "--redis-timeout",
+    type=click.FloatRange(0.1),
+    default=5.0,
+    envvar="SPILLOVER_REPLAY_REDIS_TIMEOUT",
+    show_envvar=True,
+    help="Seconds the replayer waits on Redis (connect, reply) before it counts Redis as down.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     envvar="SPILLOVER_LOG_LEVEL",
@@ -135,6 +143,7 @@ def replay_main(
     retention: float,
     max_attempts: int,
     lease_ttl: float,
+    redis_timeout: float,
     log_level: str,
 ) -> None:
     """Move spilled jobs from the outbox into RQ, in order, exactly once."""
@@ -142,7 +151,7 @@ def replay_main(
     names = [name for value in queues for name in value.split()]
     config = ReplayConfig(batch_size, poll_interval, marker_ttl, retention, max_attempts, lease_ttl, names)
     outbox = Outbox(database_url, max_backlog=0)
-    replayer = Replayer(outbox, client_from_url(redis_url, timeout=5.0), config)
+    replayer = Replayer(outbox, client_from_url(redis_url, timeout=redis_timeout), config)
     log = logging.getLogger("spillover.replay")
     log.info("replaying %s -> %s", outbox.url, settings.redact(redis_url))
     try:

@@ -3,7 +3,9 @@
 Modes: ``pass`` (forward both ways), ``refuse`` (drop every connection and
 refuse new ones), ``stall`` (accept, never answer), ``drop_replies`` (forward
 commands to the server but throw its replies away: the ambiguous case where a
-write is applied and the client never learns it).
+write is applied and the client never learns it), and ``drop_big_replies``
+(the same, but only on a connection once it has sent a command over 16 KiB: a
+replay batch loses its reply while small health probes still pass).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import contextlib
 import socket
 import threading
 
-MODES = ("pass", "refuse", "stall", "drop_replies")
+MODES = ("pass", "refuse", "stall", "drop_replies", "drop_big_replies")
+BIG = 16 * 1024  # larger than any probe or script load, smaller than a replay batch
 
 
 class FaultProxy:
@@ -56,7 +59,7 @@ class FaultProxy:
 
     async def _set_mode(self, mode: str) -> None:
         previous, self.mode = self.mode, mode
-        if mode in ("refuse", "stall") or previous in ("stall", "drop_replies"):
+        if mode in ("refuse", "stall") or previous in ("stall", "drop_replies", "drop_big_replies"):
             self._cut_all()
         if mode == "refuse" and self._server is not None:
             self._server.close()
@@ -85,19 +88,24 @@ class FaultProxy:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
+        muted = [False]  # this connection sent a big command while big replies are dropped
         await asyncio.gather(
-            self._pump(reader, up_writer, replies=False),
-            self._pump(up_reader, writer, replies=True),
+            self._pump(reader, up_writer, muted, replies=False),
+            self._pump(up_reader, writer, muted, replies=True),
             return_exceptions=True,
         )
         for w in (writer, up_writer):
             self._writers.discard(w)
             w.transport.abort()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, muted: list[bool], replies: bool
+    ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
-                if self.mode == "stall" or (replies and self.mode == "drop_replies"):
+                if not replies and self.mode == "drop_big_replies" and len(data) > BIG:
+                    muted[0] = True
+                if self.mode == "stall" or (replies and (self.mode == "drop_replies" or muted[0])):
                     continue
                 writer.write(data)
                 await writer.drain()

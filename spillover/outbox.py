@@ -218,8 +218,12 @@ class Outbox:
         with self._transaction(read_only=True) as conn:
             return sorted(conn.scalars(query))
 
-    def fetch_pending(self, queue: str, limit: int, after_id: int = 0) -> list[OutboxRow]:
-        """The oldest ``limit`` pending rows of ``queue`` past ``after_id``, in replay order."""
+    def fetch_pending(self, queue: str, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
+        """The oldest ``limit`` pending rows of ``queue``, in replay order, except ``exclude``.
+
+        Not "rows past the last id seen": on Postgres a row with a lower id may commit
+        after a higher one, and must still go before that producer's later rows.
+        """
         age = _age_seconds(self.engine)
         query = (
             select(
@@ -233,7 +237,7 @@ class Outbox:
                 outbox.c.attempts,
                 age,
             )
-            .where(outbox.c.queue == queue, outbox.c.state == PENDING, outbox.c.id > after_id)
+            .where(outbox.c.queue == queue, outbox.c.state == PENDING, outbox.c.id.not_in(exclude))
             .order_by(outbox.c.id)
             .limit(limit)
         )

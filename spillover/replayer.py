@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import redis
+from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import ReplayError
 from .lease import Lease
@@ -70,23 +71,31 @@ class Replayer:
     # -- entry points ---------------------------------------------------------------
 
     def run(self) -> None:
-        """Drain until ``stopping`` is set; wait out Redis outages with capped backoff."""
-        backoff = 0.05
+        """Drain until ``stopping`` is set; wait out Redis and outbox outages with capped backoff."""
+        redis_wait = outbox_wait = 0.05
         try:
             while not self.stopping.is_set():
-                if not self._redis_healthy():
-                    self.stopping.wait(backoff)
-                    backoff = min(backoff * 2, 0.5)
-                    continue
-                backoff = 0.05
-                if not self.lease.acquire():
-                    self.stopping.wait(min(self.config.poll_interval, self.config.lease_ttl / 3))
-                    continue
                 try:
+                    if not self._redis_healthy():
+                        self.stopping.wait(redis_wait)
+                        redis_wait = min(redis_wait * 2, 0.5)
+                        continue
+                    redis_wait = 0.05
+                    if not self.lease.acquire():
+                        self.stopping.wait(min(self.config.poll_interval, self.config.lease_ttl / 3))
+                        continue
                     moved = self.drain()
+                    self._purge_retained()
+                    outbox_wait = 0.05
                 except RedisUnavailable:
                     continue
-                self._purge_retained()
+                except SQLAlchemyError as exc:
+                    # The outbox database restarted or is unreachable: what is in Redis is
+                    # marked, what is not is still pending there; try again shortly.
+                    log.warning("outbox unavailable (%s); retrying in %.1f s", _one_line(exc), outbox_wait)
+                    self.stopping.wait(outbox_wait)
+                    outbox_wait = min(outbox_wait * 2, 5.0)
+                    continue
                 if not moved:
                     self.stopping.wait(self.config.poll_interval)
         finally:
@@ -142,8 +151,7 @@ class Replayer:
                 good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
                 push = self._start(queue, good) if good else None
                 self._confirm(confirmed)
-                after = rows[-1].id if len(good) == len(rows) else rows[len(good)].id
-                upcoming = self.outbox.fetch_pending(queue, size, after_id=after)
+                upcoming = self.outbox.fetch_pending(queue, size, exclude=[row.id for row in rows])
                 if push is not None:
                     codes, error = self._finish(push)
                     confirmed = [row.id for row in good[: len(codes)]]
@@ -154,14 +162,14 @@ class Replayer:
                         if not self._failed(good[len(codes)], error):
                             break  # the queue waits for this row: order first
                         moved += 1
-                        upcoming = self.outbox.fetch_pending(queue, size, after_id=good[len(codes)].id)
-                        rows = upcoming
+                        rows = self.outbox.fetch_pending(queue, size)
                         continue
                 if len(good) < len(rows):
                     bad = rows[len(good)]
                     self._confirm(confirmed)
                     self._kill(bad, str(self._unreplayable(bad)))
                     moved += 1
+                    upcoming = self.outbox.fetch_pending(queue, size)  # the rows after it, excluded above
                 rows = upcoming
         finally:
             self._confirm(confirmed)
@@ -259,3 +267,7 @@ class Replayer:
             self.lease.release()
         except Exception as exc:  # the lease expires by itself; say why it was not released
             log.warning("could not release the replay lease: %r", exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__

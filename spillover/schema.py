@@ -59,6 +59,9 @@ outbox = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_spillover_outbox_queue_state_id", "queue", "state", "id"),
     Index("ix_spillover_outbox_state_updated", "state", "updated_at"),
+    # Never reuse the id of a deleted row: ids must keep growing, as replay order and
+    # a producer's "are my rows replayed" check rely on them.
+    sqlite_autoincrement=True,
 )
 
 # One row per lease: who may drain the outbox now, and until when (Unix seconds,

@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sqlite_autoincrement=True,  # ids never reused: replay order and resume checks rely on them
     )
     op.create_index("ix_spillover_outbox_queue_state_id", "spillover_outbox", ["queue", "state", "id"])
     op.create_index("ix_spillover_outbox_state_updated", "spillover_outbox", ["state", "updated_at"])

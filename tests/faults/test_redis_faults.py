@@ -1,0 +1,134 @@
+"""Faults 1, 3, 4, 5: Redis killed, restarted, stalled, loading, full, or losing replies."""
+
+from __future__ import annotations
+
+import time
+
+import jobs
+import redis
+from checks import (
+    QUEUE,
+    assert_exactly_once_in_order,
+    finish_producers,
+    start_producer,
+    start_replayer,
+    stop,
+    wait_drained,
+)
+from helpers import replay_once, wait_for
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from spillover import Queue, was_spilled
+from spillover.faultproxy import FaultProxy
+
+
+def test_redis_sigkilled_twice_while_four_producers_enqueue(make_redis, outbox_url):
+    server = make_redis(aof=True)
+    replayer = start_replayer(outbox_url, server.url)
+    producers = {f"p{n}": 400 for n in range(4)}
+    procs = [start_producer(outbox_url, server.port, name, count, pace=0.003) for name, count in producers.items()]
+    for _ in range(2):
+        time.sleep(0.4)
+        server.kill()
+        time.sleep(0.4)
+        server.start()
+    reports = finish_producers(procs)
+    assert sum(r["spilled"] for r in reports) > 0, "the outage must have made producers spill"
+    wait_drained(outbox_url, server.client(), 1600)
+    stop(replayer)
+    assert_exactly_once_in_order(server.client(), outbox_url, producers)
+
+
+def test_redis_sigkilled_mid_replay(make_redis, outbox_url):
+    server = make_redis(aof=True)
+    server.kill()
+    finish_producers([start_producer(outbox_url, server.port, "p0", 6000)])
+    server.start()
+    client = server.client()
+    replayer = start_replayer(outbox_url, server.url, "--batch-size", "100")
+    wait_for(lambda: client.llen(f"rq:queue:{QUEUE}") > 500, timeout=30, interval=0.005)
+    server.kill()
+    time.sleep(0.5)
+    server.start()
+    wait_drained(outbox_url, server.client(), 6000)
+    err = stop(replayer)
+    assert "waiting for it" in err
+    assert_exactly_once_in_order(server.client(), outbox_url, {"p0": 6000})
+
+
+def test_replies_lost_during_replay_are_not_pushed_twice(redis_server, sqlite_url):
+    finish_producers([start_producer(sqlite_url, 1, "p0", 1000)])  # port 1: nobody listens, all spill
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    proxy.set_mode("drop_big_replies")  # probes answered, replay batches applied but unanswered
+    replayer = start_replayer(sqlite_url, proxy.url, "--batch-size", "200", "--log-level", "INFO")
+    client = redis_server.client()
+    wait_for(lambda: client.llen(f"rq:queue:{QUEUE}") > 0, timeout=20)  # applied, the reply lost
+    time.sleep(1.5)
+    proxy.set_mode("pass")
+    wait_drained(sqlite_url, client, 1000)
+    err = stop(replayer)
+    assert "already in redis" in err
+    assert_exactly_once_in_order(client, sqlite_url, {"p0": 1000})
+    proxy.close()
+
+
+def test_refused_and_stalled_redis_keep_producers_within_their_bound(redis_server, sqlite_url):
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    producers = {f"p{n}": 300 for n in range(4)}
+    procs = [start_producer(sqlite_url, proxy.port, name, count, pace=0.005) for name, count in producers.items()]
+    for mode in ("refuse", "pass", "stall", "pass"):
+        time.sleep(0.4)
+        proxy.set_mode(mode)
+    reports = finish_producers(procs)
+    for report in reports:
+        assert report["max"] < 1.0, f"an enqueue took {report['max']:.2f} s"
+        assert report["p99"] < 0.05
+    replay_once(sqlite_url, redis_server.url)
+    assert_exactly_once_in_order(redis_server.client(), sqlite_url, producers)
+    proxy.close()
+
+
+def test_loading_redis_spills_then_replays(make_redis, sqlite_url):
+    server = make_redis("--dbfilename", "dump.rdb", "--enable-debug-command", "yes")
+    client = server.client()
+    client.execute_command("DEBUG", "POPULATE", 3_000_000, "filler", 64)
+    client.save()
+    server.kill()
+    server.start(wait=False)
+    loading = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+
+    def is_loading() -> bool:
+        try:
+            loading.ping()
+        except redis.BusyLoadingError:
+            return True
+        except redis.ConnectionError:
+            pass
+        return False
+
+    wait_for(is_loading, timeout=10, interval=0.005)
+    job = Queue(QUEUE, connection=server.client(), outbox=sqlite_url).enqueue(jobs.noop, job_id="p0-000000")
+    assert was_spilled(job)
+    server.wait_ready(60)
+    wait_for(lambda: not is_loading(), timeout=60)
+    replay_once(sqlite_url, server.url)
+    assert_exactly_once_in_order(server.client(), sqlite_url, {"p0": 1})
+
+
+def test_oom_spills_then_replays_when_memory_is_freed(make_redis, sqlite_url):
+    server = make_redis("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    client = server.client()
+    filled = 0
+    try:
+        while True:
+            client.set(f"fill:{filled}", b"x" * 1024)
+            filled += 1
+    except redis.exceptions.OutOfMemoryError:
+        pass
+    finish_producers([start_producer(sqlite_url, server.port, "p0", 200)])
+    out = replay_once(sqlite_url, server.url, check=False)
+    assert out.returncode != 0, "the replayer must not claim success against a full Redis"
+    client.config_set("maxmemory", "0")
+    replay_once(sqlite_url, server.url)
+    assert_exactly_once_in_order(client, sqlite_url, {"p0": 200})
