@@ -137,7 +137,7 @@ class Queue(rq.Queue):
         self.outbox = resolve_outbox(outbox)
         self.marker_ttl = settings.marker_ttl() if marker_ttl is None else marker_ttl
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
-        self._server = _server_for(self.connection, timeout, settings.DEFAULT_PROBE_INTERVAL)
+        self._server = _server_for(self.connection, timeout, settings.probe_interval())
         self._client = self._server.health.client
         state_key = (id(self.outbox), _server_key(self.connection), name)
         with _lock:

@@ -54,6 +54,10 @@ def redis_timeout() -> float:
     return env_float("SPILLOVER_REDIS_TIMEOUT", DEFAULT_REDIS_TIMEOUT)
 
 
+def probe_interval() -> float:
+    return env_float("SPILLOVER_PROBE_INTERVAL", DEFAULT_PROBE_INTERVAL)
+
+
 def marker_ttl() -> int:
     return env_int("SPILLOVER_MARKER_TTL", DEFAULT_MARKER_TTL)
 

@@ -14,6 +14,7 @@ import redis
 from spillover.settings import MARKER_PREFIX, PROBE_KEY
 
 TESTS = Path(__file__).parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = TESTS.parent
 # Fields whose value is a time, so they differ between two runs of the same enqueue.
 TIME_FIELDS = {"created_at", "enqueued_at", "last_heartbeat"}

@@ -6,6 +6,7 @@ shared one on 6379.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -110,42 +111,51 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl as the postgres user) that a test may restart."""
+
+    def __init__(self) -> None:
+        initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+        if initdb is None or shutil.which("runuser") is None:
+            raise RuntimeError("no initdb/runuser to start a PostgreSQL cluster")
+        self.bindir = Path(initdb).parent
+        self.port = free_port()
+        self.data = Path(f"/tmp/spillover-pg-{self.port}")
+        self.data.mkdir()
+        shutil.chown(self.data, "postgres")
+        self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", str(self.bindir / tool), *args],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.data / "log"), "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-w", "-m", mode, "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
 def _start_cluster() -> str | None:
-    """initdb + pg_ctl as the postgres user in a temporary directory."""
-    initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
-    if initdb is None or shutil.which("runuser") is None:
-        return None
-    bindir = Path(initdb).parent
-    port = free_port()
-    data = Path(f"/tmp/spillover-pg-{port}")
-    run_as = ["runuser", "-u", "postgres", "--"]
     try:
-        data.mkdir()
-        shutil.chown(data, "postgres")
-        subprocess.run(
-            [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                *run_as,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-w",
-                "-l",
-                str(data / "log"),
-                "-o",
-                f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off",
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError, LookupError):
+        return PostgresCluster().url
+    except (OSError, RuntimeError, subprocess.CalledProcessError, LookupError):
         return None
-    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
 
 
 def create_database(server_url: str) -> str:

@@ -58,7 +58,14 @@ def test_killed_between_redis_write_and_outbox_commit_never_doubles(redis_server
     from helpers import TESTS
 
     crashed = replayer(
-        outbox_url, redis_server.url, "--once", "--batch-size", "300", script=str(TESTS / "crashing_replayer.py")
+        outbox_url,
+        redis_server.url,
+        "--once",
+        "--batch-size",
+        "300",
+        "--lease-ttl",
+        "1",
+        script=str(TESTS / "crashing_replayer.py"),
     )
     assert crashed.wait(60) == -signal.SIGKILL
     client = redis_server.client()
@@ -66,7 +73,7 @@ def test_killed_between_redis_write_and_outbox_commit_never_doubles(redis_server
     # The first outbox commit comes after the second batch was sent: 300 or 600 jobs are in Redis.
     assert landed in (ids[:300], ids[:600]), "whole batches reached Redis"
     assert Outbox(outbox_url).pending_count() == 1000, "but no outbox commit did"
-    out = replay_once(outbox_url, redis_server.url, "--log-level", "INFO", "--batch-size", "300")
+    out = replay_once(outbox_url, redis_server.url, "--log-level", "INFO", "--batch-size", "300", "--lease-ttl", "1")
     skipped = sum(int(n) for n in re.findall(r"(\d+) job\(s\) already in redis", out.stderr))
     assert skipped == len(landed)
     assert queued(client, "crash") == ids
