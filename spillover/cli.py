@@ -16,8 +16,10 @@ import click
 import redis
 
 from . import settings
+from .endpoints import serve
 from .errors import SpilloverError
 from .lease import REPLAY_LEASE, Lease
+from .metrics import register_backlog
 from .outbox import Outbox
 from .redis_side import client_from_url, is_outage, probe_write
 from .replayer import ReplayConfig, Replayer
@@ -45,10 +47,28 @@ def database_option(f: Any) -> Any:
     )(f)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 @click.command(context_settings=_ctx)
@@ -126,6 +146,21 @@ def _setup_logging(level: str) -> None:
     help="Seconds the replayer waits on Redis (connect, reply) before it counts Redis as down.",
 )
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    envvar="SPILLOVER_METRICS_PORT",
+    show_envvar=True,
+    help="Serve /metrics, /healthz and /readyz on this port (default: off).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="SPILLOVER_LOG_FORMAT",
+    show_envvar=True,
+)
+@click.option(
     "--log-level",
     default="INFO",
     envvar="SPILLOVER_LOG_LEVEL",
@@ -144,16 +179,22 @@ def replay_main(
     max_attempts: int,
     lease_ttl: float,
     redis_timeout: float,
+    metrics_port: int | None,
+    log_format: str,
     log_level: str,
 ) -> None:
     """Move spilled jobs from the outbox into RQ, in order, exactly once."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     names = [name for value in queues for name in value.split()]
     config = ReplayConfig(batch_size, poll_interval, marker_ttl, retention, max_attempts, lease_ttl, names)
     outbox = Outbox(database_url, max_backlog=0)
     replayer = Replayer(outbox, client_from_url(redis_url, timeout=redis_timeout), config)
     log = logging.getLogger("spillover.replay")
     log.info("replaying %s -> %s", outbox.url, settings.redact(redis_url))
+    if metrics_port is not None:
+        register_backlog(outbox.queue_stats)
+        serve(metrics_port, replayer.heartbeat, replayer.ready)
+        log.info("serving /metrics, /healthz, /readyz on port %d", metrics_port)
     try:
         if once:
             stats = replayer.run_once()

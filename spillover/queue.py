@@ -27,7 +27,7 @@ from rq.utils import now
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import settings
+from . import metrics, settings
 from .errors import OutboxUnavailable
 from .health import RedisHealth
 from .outbox import Outbox
@@ -234,22 +234,30 @@ class Queue(rq.Queue):
         direct: Callable[[Pipeline], None],
         spill: Callable[[bool], list[SpilledJob]],
     ) -> None:
+        started = time.perf_counter()
         state = self._spill_state
         error: BaseException | None = None
         if not state.spilling and self.health.is_up:
             error = self._try_direct(jobs, direct)
             if error is None:
+                self._count(metrics.DIRECT, len(jobs), started)
                 return
         with state.lock:
             if error is None and self._may_resume(state):
                 error = self._try_direct(jobs, direct)
                 if error is None:
+                    self._count(metrics.DIRECT, len(jobs), started)
                     return
             state.spilling = True
             ambiguous = error is not None and is_ambiguous(error)
             self._append(state, spill(ambiguous), error or self.health.last_error)
         for job in jobs:
             setattr(job, "spilled", True)  # noqa: B010 - Job has no such field
+        self._count(metrics.SPILLED, len(jobs), started)
+
+    def _count(self, path: str, jobs: int, started: float) -> None:
+        metrics.ENQUEUED.labels(self.name, path).inc(jobs)
+        metrics.ENQUEUE_SECONDS.labels(path).observe(time.perf_counter() - started)
 
     def _try_direct(self, jobs: Sequence[Job], direct: Callable[[Pipeline], None]) -> BaseException | None:
         """Write to Redis; None on success, the error when Redis is unavailable; raise otherwise."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import metrics
+from .endpoints import Heartbeat
 from .errors import ReplayError
 from .lease import Lease
 from .outbox import Outbox, OutboxRow
@@ -67,6 +69,8 @@ class Replayer:
         self._redis_up: bool | None = None
         self._purged_at = 0.0
         self._retry_pending = False  # a row failed this pass and will be tried again
+        # /healthz: the loop beats at least every poll interval and every batch
+        self.heartbeat = Heartbeat(limit=max(30.0, 3 * self.config.poll_interval))
 
     # -- entry points ---------------------------------------------------------------
 
@@ -75,13 +79,14 @@ class Replayer:
         redis_wait = outbox_wait = 0.05
         try:
             while not self.stopping.is_set():
+                self.heartbeat.beat()
                 try:
                     if not self._redis_healthy():
                         self.stopping.wait(redis_wait)
                         redis_wait = min(redis_wait * 2, 0.5)
                         continue
                     redis_wait = 0.05
-                    if not self.lease.acquire():
+                    if not self._take_lease():
                         self.stopping.wait(min(self.config.poll_interval, self.config.lease_ttl / 3))
                         continue
                     moved = self.drain()
@@ -106,7 +111,7 @@ class Replayer:
         if not self._redis_healthy():
             raise ReplayError("redis is unreachable; nothing replayed")
         deadline = time.monotonic() + (2 * self.config.lease_ttl if lease_wait is None else lease_wait)
-        while not self.lease.acquire():
+        while not self._take_lease():
             current = self.lease.current()
             if time.monotonic() > deadline:
                 raise ReplayError(f"replay lease held by {current.holder if current else 'another replayer'}")
@@ -145,7 +150,8 @@ class Replayer:
         rows = self.outbox.fetch_pending(queue, size)
         try:
             while rows and not self.stopping.is_set():
-                if not self.lease.hold():
+                self.heartbeat.beat()
+                if not self._take_lease(renew_only=True):
                     log.warning("lost the replay lease; stopping the drain of %s", queue)
                     break
                 good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
@@ -209,6 +215,8 @@ class Replayer:
         duplicates = codes.count(0)
         self.stats.duplicates += duplicates
         self.stats.replayed += len(codes) - duplicates
+        metrics.DUPLICATES.labels(queue).inc(duplicates)
+        metrics.REPLAYED.labels(queue).inc(len(codes) - duplicates)
         if duplicates:
             log.info("queue %s: %d job(s) already in redis, not pushed again", queue, duplicates)
 
@@ -216,6 +224,7 @@ class Replayer:
         """Count a non-transient failure of ``row``; True if it is now dead (the queue may go on)."""
         if self.outbox.record_failure(row.id, error, self.config.max_attempts):
             self.stats.dead += 1
+            metrics.KILLED.labels(row.queue).inc()
             log.error("row %d (job %s) is dead after %d attempts: %s", row.id, row.job_id, row.attempts + 1, error)
             return True
         log.warning("row %d (job %s) failed (attempt %d): %s", row.id, row.job_id, row.attempts + 1, error)
@@ -225,6 +234,7 @@ class Replayer:
     def _kill(self, row: OutboxRow, problem: str) -> None:
         self.outbox.mark_dead(row.id, problem)
         self.stats.dead += 1
+        metrics.KILLED.labels(row.queue).inc()
         log.error("row %d (job %s) is dead: %s", row.id, row.job_id, problem)
 
     def _unreplayable(self, row: OutboxRow) -> str | None:
@@ -249,6 +259,7 @@ class Replayer:
         return True
 
     def _set_redis_up(self, up: bool, reason: object = None) -> None:
+        metrics.REDIS_UP.set(1 if up else 0)
         if up and self._redis_up is not True:
             log.info("redis healthy; replaying")
         elif not up and self._redis_up is not False:
@@ -262,7 +273,18 @@ class Replayer:
             if purged:
                 log.info("purged %d replayed rows older than %.0f s", purged, self.config.retention)
 
+    def _take_lease(self, renew_only: bool = False) -> bool:
+        held = self.lease.hold() if renew_only else self.lease.acquire()
+        metrics.LEASE_HELD.set(1 if held else 0)
+        return held
+
+    def ready(self) -> bool:
+        """Holds the lease or could take it, and the outbox answers (for /readyz)."""
+        current = self.lease.current()
+        return current is None or current.holder == self.holder
+
     def _release(self) -> None:
+        metrics.LEASE_HELD.set(0)
         try:
             self.lease.release()
         except Exception as exc:  # the lease expires by itself; say why it was not released

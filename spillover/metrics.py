@@ -1,0 +1,70 @@
+"""Prometheus metrics, producer and replayer side, in the default registry.
+
+Applications that already serve ``/metrics`` get the producer counters for free;
+``spillover-replay --metrics-port`` serves the replayer's (see ``endpoints.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+# -- producers -------------------------------------------------------------------------
+
+ENQUEUED = Counter("spillover_enqueued", "Jobs enqueued, by the way they went.", ["queue", "path"])
+ENQUEUE_SECONDS = Histogram(
+    "spillover_enqueue_seconds",
+    "Time an enqueue took, by the way it went (deciding, and writing to Redis or the outbox).",
+    ["path"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+DIRECT, SPILLED = "direct", "spilled"
+
+# -- replayer --------------------------------------------------------------------------
+
+REPLAYED = Counter("spillover_replayed", "Outbox rows pushed into RQ.", ["queue"])
+DUPLICATES = Counter(
+    "spillover_duplicates_suppressed", "Outbox rows found already in Redis by their marker.", ["queue"]
+)
+KILLED = Counter("spillover_dead_marked", "Outbox rows the replayer gave up on.", ["queue"])
+REDIS_UP = Gauge("spillover_redis_up", "1 when the replayer's write-probe to Redis succeeds.")
+LEASE_HELD = Gauge("spillover_lease_held", "1 while this replayer holds the replay lease.")
+
+
+class BacklogCollector(Collector):
+    """Backlog rows, age of the oldest row and dead rows per queue, read from the outbox at scrape time.
+
+    Cached for ``max_age`` seconds so frequent scrapes do not load the database.
+    """
+
+    def __init__(self, stats: Callable[[], list[dict[str, Any]]], max_age: float = 5.0) -> None:
+        self._stats = stats
+        self._max_age = max_age
+        self._cached: list[dict[str, Any]] = []
+        self._read_at = -1e9
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if time.monotonic() - self._read_at > self._max_age:
+            self._cached = self._stats()
+            self._read_at = time.monotonic()
+        rows = GaugeMetricFamily("spillover_backlog_rows", "Pending outbox rows.", labels=["queue"])
+        oldest = GaugeMetricFamily(
+            "spillover_backlog_oldest_seconds", "Age of the oldest pending row.", labels=["queue"]
+        )
+        dead = GaugeMetricFamily("spillover_dead_rows", "Outbox rows marked dead.", labels=["queue"])
+        for entry in self._cached:
+            rows.add_metric([entry["queue"]], entry["pending"])
+            oldest.add_metric([entry["queue"]], entry["oldest_age_s"] or 0.0)
+            dead.add_metric([entry["queue"]], entry["dead"])
+        yield from (rows, oldest, dead)
+
+
+def register_backlog(stats: Callable[[], list[dict[str, Any]]]) -> BacklogCollector:
+    collector = BacklogCollector(stats)
+    REGISTRY.register(collector)
+    return collector

@@ -1,0 +1,85 @@
+"""What an operator relies on: metrics, health endpoints, JSON logs, no passwords anywhere."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import jobs
+import redis
+from helpers import wait_for
+from prometheus_client import REGISTRY
+from servers import free_port
+from test_replayer import replayer, spill
+
+from spillover import Outbox, Queue
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError:
+        return 0, "not listening"
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_replayer_metrics_health_and_json_logs_without_passwords(make_redis, sqlite_url):
+    server = make_redis("--requirepass", "s3cr3t-pw")
+    url = f"redis://:s3cr3t-pw@127.0.0.1:{server.port}/0"
+    spill(sqlite_url, "ops", 40)
+    port, standby_port = free_port(), free_port()
+    main = replayer(sqlite_url, url, "--metrics-port", str(port), "--log-format", "json", "--poll-interval", "0.1")
+    outbox = Outbox(sqlite_url)
+    wait_for(lambda: outbox.pending_count() == 0, timeout=20)
+    wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=10)
+    standby = replayer(sqlite_url, url, "--metrics-port", str(standby_port), "--poll-interval", "0.1")
+    wait_for(lambda: get(standby_port, "/healthz")[0] == 200, timeout=10)
+
+    status, text = get(port, "/metrics")
+    assert status == 200
+    assert metric(text, 'spillover_replayed_total{queue="ops"}') == 40
+    assert metric(text, "spillover_redis_up") == 1
+    assert metric(text, "spillover_lease_held") == 1
+    assert get(port, "/readyz")[0] == 200
+    code, reason = get(standby_port, "/readyz")
+    assert code == 503 and "lease" in reason
+    assert metric(get(standby_port, "/metrics")[1], "spillover_lease_held") == 0
+
+    spill(sqlite_url, "ops", 3, prefix="late")
+    server.pause()  # Redis stops answering: the backlog shows in the metrics
+    try:
+        wait_for(lambda: metric(get(port, "/metrics")[1], 'spillover_backlog_rows{queue="ops"}') == 3, timeout=15)
+        wait_for(lambda: metric(get(port, "/metrics")[1], "spillover_redis_up") == 0, timeout=15)
+    finally:
+        server.resume()
+    wait_for(lambda: outbox.pending_count() == 0, timeout=20)
+
+    for proc in (main, standby):
+        proc.terminate()
+    _, err = main.communicate(timeout=20)
+    _, standby_err = standby.communicate(timeout=20)
+    assert main.returncode == 0 and standby.returncode == 0
+    lines = [json.loads(line) for line in err.strip().splitlines()]
+    assert {"ts", "level", "logger", "message"} <= set(lines[0])
+    assert any("drained queue ops" in line["message"] for line in lines)
+    assert "s3cr3t-pw" not in err and "s3cr3t-pw" not in standby_err and "***" in err
+
+
+def test_producer_metrics_in_the_default_registry(sqlite_url):
+    before = REGISTRY.get_sample_value("spillover_enqueued_total", {"queue": "prod-metrics", "path": "spilled"}) or 0
+    queue = Queue("prod-metrics", connection=redis.Redis(port=free_port()), outbox=sqlite_url)
+    for _ in range(3):
+        queue.enqueue(jobs.noop)
+    after = REGISTRY.get_sample_value("spillover_enqueued_total", {"queue": "prod-metrics", "path": "spilled"})
+    assert after == before + 3
+    assert REGISTRY.get_sample_value("spillover_enqueue_seconds_count", {"path": "spilled"}) >= 3
