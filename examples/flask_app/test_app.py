@@ -1,0 +1,64 @@
+"""Kill Redis under live HTTP requests: every accepted signup's email is sent exactly once."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
+
+from helpers import replay_once, run_worker
+from werkzeug.serving import make_server
+
+from examples.flask_app.app import create_app
+
+
+def post(port: int, address: str) -> dict[str, object]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/signup", data=json.dumps({"email": address}).encode(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+        return json.loads(response.read())
+
+
+def test_redis_killed_under_live_requests(make_redis, sqlite_url):
+    redis_server = make_redis(aof=True)
+    app = create_app(redis_server.url, sqlite_url)
+    http = make_server("127.0.0.1", 0, app, threaded=True)
+    port = http.server_port
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+
+    accepted: list[str] = []
+    spilled: list[bool] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        for i in range(60):
+            address = f"user{n}-{i}@example.com"
+            reply = post(port, address)
+            with lock:
+                accepted.append(address)
+                spilled.append(bool(reply["spilled"]))
+            time.sleep(0.005)
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(0.3)
+    redis_server.kill()
+    time.sleep(0.5)
+    redis_server.start()
+    for thread in clients:
+        thread.join(60)
+    http.shutdown()
+
+    assert len(accepted) == 240 and any(spilled) and not all(spilled)
+    replay_once(sqlite_url, redis_server.url)
+    run_worker(redis_server.url, "emails")
+    sent = [x.decode() for x in redis_server.client().lrange("example:sent", 0, -1)]
+    assert sorted(sent) == sorted(accepted), "every accepted signup's email sent exactly once"
