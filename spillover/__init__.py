@@ -15,6 +15,7 @@ from .errors import (
 )
 from .outbox import Outbox
 from .queue import Queue, was_spilled
+from .redis_side import redis_from_url
 
 __all__ = [
     "BacklogFull",
@@ -26,5 +27,6 @@ __all__ = [
     "Queue",
     "ReplayError",
     "SpilloverError",
+    "redis_from_url",
     "was_spilled",
 ]

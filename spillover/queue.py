@@ -31,7 +31,7 @@ from . import metrics, settings
 from .errors import OutboxUnavailable
 from .health import RedisHealth
 from .outbox import Outbox
-from .redis_side import bounded_client, is_ambiguous, is_outage, marker_key
+from .redis_side import bounded_client, is_ambiguous, is_outage, marker_key, server_key
 from .stored_job import SpilledJob, encode_hash, schedule_timestamp
 
 #: While a queue is in spill mode, how often (s) to ask the outbox whether its rows are replayed.
@@ -74,21 +74,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _server_key(connection: redis.Redis) -> tuple[Any, ...]:
-    kwargs = connection.connection_pool.connection_kwargs
-    return (
-        connection.connection_pool.connection_class,
-        kwargs.get("host"),
-        kwargs.get("port"),
-        kwargs.get("path"),
-        kwargs.get("db", 0),
-        kwargs.get("username"),
-    )
-
-
 def _server_for(connection: redis.Redis, timeout: float, probe_interval: float) -> _Server:
     """One bounded client and breaker per Redis server, shared by every Queue of the process."""
-    key = (*_server_key(connection), timeout)
+    key = (*server_key(connection), timeout)
     with _lock:
         server = _servers.get(key)
         if server is None:
@@ -139,7 +127,7 @@ class Queue(rq.Queue):
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
         self._server = _server_for(self.connection, timeout, settings.probe_interval())
         self._client = self._server.health.client
-        state_key = (id(self.outbox), _server_key(self.connection), name)
+        state_key = (id(self.outbox), server_key(self.connection), name)
         with _lock:
             self._spill_state = _spill_states.setdefault(state_key, _SpillState())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -26,11 +27,13 @@ from redis.exceptions import (
     TimeoutError,
 )
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 from rq.job import Job
 from rq.queue import Queue as RQQueue
 from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
 
-from .settings import MARKER_PREFIX, PROBE_KEY
+from .errors import ConfigurationError
+from .settings import MARKER_PREFIX, PROBE_KEY, redact
 from .stored_job import msgpack_array_header, msgpack_str
 
 # Replies that mean "this server cannot take writes right now", not "you asked wrong".
@@ -64,20 +67,66 @@ def bounded_client(connection: redis.Redis, timeout: float) -> redis.Redis:
     and waits up to 5 s per attempt; spillover must not inherit either.
     """
     pool = connection.connection_pool
-    kwargs: dict[str, Any] = dict(pool.connection_kwargs)
-    kwargs.update(
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        retry_on_error=[],
+    bounds: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "retry_on_timeout": False,
+        "retry_on_error": [],
+    }
+    if isinstance(pool, SentinelConnectionPool):
+        # Same service through the same sentinels: follows the master across a failover.
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in ("connection_pool", "is_master")}
+        return pool.sentinel_manager.master_for(pool.service_name, **{**kwargs, **bounds})  # type: ignore[no-any-return]
+    kwargs = {**pool.connection_kwargs, **bounds}
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+
+
+def server_key(connection: redis.Redis) -> tuple[Any, ...]:
+    """What identifies the Redis a client talks to (a Sentinel service counts as one server)."""
+    pool = connection.connection_pool
+    kwargs = pool.connection_kwargs
+    if isinstance(pool, SentinelConnectionPool):
+        sentinels = tuple(
+            (s.connection_pool.connection_kwargs.get("host"), s.connection_pool.connection_kwargs.get("port"))
+            for s in pool.sentinel_manager.sentinels
+        )
+        return ("sentinel", pool.service_name, sentinels, kwargs.get("db", 0), kwargs.get("username"))
+    return (
+        pool.connection_class,
+        kwargs.get("host"),
+        kwargs.get("port"),
+        kwargs.get("path"),
+        kwargs.get("db", 0),
+        kwargs.get("username"),
     )
-    bounded_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
-    return redis.Redis(connection_pool=bounded_pool)
+
+
+def redis_from_url(url: str, **kwargs: Any) -> redis.Redis:
+    """``redis.Redis.from_url``, plus ``redis+sentinel://[[user]:password@]host:port[,host:port]/service[/db]``."""
+    parsed = urlsplit(url)
+    if not parsed.scheme.endswith("+sentinel"):
+        return redis.Redis.from_url(url, **kwargs)
+    hosts = []
+    for item in parsed.netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = item.rpartition(":")
+        hosts.append((host or item, int(port) if host else 26379))
+    parts = [p for p in parsed.path.split("/") if p]
+    if not parts:
+        raise ConfigurationError(f"sentinel URL needs a service name: {redact(url)}")
+    auth = {
+        "username": unquote(parsed.username) if parsed.username else None,
+        "password": unquote(parsed.password) if parsed.password else None,
+    }
+    if parsed.scheme.startswith("rediss"):
+        kwargs["ssl"] = True
+    sentinel = Sentinel(hosts, sentinel_kwargs={k: v for k, v in auth.items() if v}, **auth, **kwargs)  # type: ignore[no-untyped-call]
+    master: redis.Redis = sentinel.master_for(parts[0], db=int(parts[1]) if len(parts) > 1 else 0)  # type: ignore[no-untyped-call]
+    return master
 
 
 def client_from_url(url: str, timeout: float) -> redis.Redis:
-    return bounded_client(redis.Redis.from_url(url), timeout)
+    return bounded_client(redis_from_url(url), timeout)
 
 
 def marker_key(job_id: str) -> str:
