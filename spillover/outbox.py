@@ -242,7 +242,7 @@ class Outbox:
             .limit(limit)
         )
         with self._transaction(read_only=True) as conn:
-            return [OutboxRow._make(row) for row in conn.execute(query).tuples()]
+            return [OutboxRow._make(row) for row in conn.execute(query)]
 
     def mark_delivered(self, ids: Sequence[int], keep: bool) -> None:
         """Rows now in Redis: delete them, or keep them as ``done`` for retention."""

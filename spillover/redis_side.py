@@ -191,6 +191,11 @@ class PendingPush:
     def __init__(self, script: ReplayScript, conn: Any, args: list[Any]) -> None:
         self.script, self.conn, self.args = script, conn, args
 
+    def abandon(self) -> None:
+        """Drop the call without reading its reply (the connection cannot be reused)."""
+        self.conn.disconnect()
+        self.script.client.connection_pool.release(self.conn)
+
     def result(self) -> tuple[list[int], str | None]:
         """Codes per processed row (see replay.lua) and the error that stopped the batch, if any."""
         pool = self.script.client.connection_pool

@@ -156,8 +156,13 @@ class Replayer:
                     break
                 good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
                 push = self._start(queue, good) if good else None
-                self._confirm(confirmed)
-                upcoming = self.outbox.fetch_pending(queue, size, exclude=[row.id for row in rows])
+                try:
+                    self._confirm(confirmed)
+                    upcoming = self.outbox.fetch_pending(queue, size, exclude=[row.id for row in rows])
+                except BaseException:
+                    if push is not None:
+                        push.abandon()  # its outcome stays unknown: the markers settle it next pass
+                    raise
                 if push is not None:
                     codes, error = self._finish(push)
                     confirmed = [row.id for row in good[: len(codes)]]
