@@ -88,6 +88,9 @@ def bench_healthy(server: RedisServer, workdir: Path, n: int, rounds: int) -> No
 
 
 def raw_insert_rate(url: str, n: int) -> float:
+    """SQLite: SQLAlchemy Core insert + commit per row (WAL, FULL). Postgres: raw psycopg insert + commit."""
+    if url.startswith("postgresql"):
+        return raw_psycopg_rate(url, n)
     engine = create_outbox_engine(url)
     payload = {"queue": "raw", "job_id": "x" * 36, "job_hash": b"h" * 600, "producer": "bench"}
     started = time.perf_counter()
@@ -96,6 +99,20 @@ def raw_insert_rate(url: str, n: int) -> float:
             conn.execute(insert(outbox_table), payload)
     engine.dispose()
     return n / (time.perf_counter() - started)
+
+
+def raw_psycopg_rate(url: str, n: int) -> float:
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn:
+        started = time.perf_counter()
+        for _ in range(n):
+            conn.execute(
+                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) VALUES (%s, %s, %s, %s)",
+                ("raw", "x" * 36, b"h" * 600, "bench"),
+            )
+            conn.commit()
+        return n / (time.perf_counter() - started)
 
 
 def spill_rate(url: str, n: int) -> float:

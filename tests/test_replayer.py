@@ -177,3 +177,37 @@ def test_status_reports_queues_redis_and_lease(redis_server, sqlite_url):
     assert report["queues"][0]["oldest_age_s"] >= 0
     assert report["lease"] is None
     assert "secret" not in out.stdout and "***" in report["redis"]["url"]
+
+
+def test_dead_purge_deletes_for_good(redis_server, sqlite_url):
+    ids = spill(sqlite_url, "purge", 2)
+    redis_server.client().set(f"rq:job:{ids[0]}", "not a hash")
+    replay_once(sqlite_url, redis_server.url, "--max-attempts", "1")
+    cli = [sys.executable, "-m", "spillover"]
+    purged = subprocess.run(
+        [*cli, "dead", "purge", "--all", "--database-url", sqlite_url], capture_output=True, text=True, check=True
+    )
+    assert "1 row(s) deleted" in purged.stdout
+    assert Outbox(sqlite_url).dead_rows() == [] and Outbox(sqlite_url).pending_count() == 0
+    refused = subprocess.run([*cli, "dead", "purge", "--database-url", sqlite_url], capture_output=True, text=True)
+    assert refused.returncode != 0 and "ROW_ID or --all" in refused.stderr
+
+
+def test_ambiguous_row_older_than_the_marker_ttl_is_not_replayed_blindly(redis_server, sqlite_url):
+    from spillover.redis_side import client_from_url
+    from spillover.replayer import ReplayConfig, Replayer
+    from spillover.stored_job import SpilledJob
+
+    outbox_ = Outbox(sqlite_url)
+    queue = Queue("amb-old", connection=redis.Redis(port=free_port()), outbox=outbox_)
+    job = queue.create_job(jobs.noop, job_id="maybe-delivered")
+    queue._prepare_offline(job)
+    stored = queue._spilled(job, ambiguous=True)
+    outbox_.append([stored, SpilledJob("amb-old", "fine", stored.job_hash.replace(b"maybe-delivered", b"fine"))])
+    time.sleep(1.1)
+    config = ReplayConfig(marker_ttl=1, queues=["amb-old"])
+    stats = Replayer(outbox_, client_from_url(redis_server.url, 5.0), config).run_once()
+    assert stats.dead == 1 and stats.replayed == 1
+    dead = outbox_.dead_rows()
+    assert [row["job_id"] for row in dead] == ["maybe-delivered"] and "marker" in dead[0]["last_error"]
+    assert queued(redis_server.client(), "amb-old") == ["fine"]
