@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from types import FrameType
 from typing import Any
 
@@ -184,12 +185,22 @@ def replay_main(
     log_level: str,
 ) -> None:
     """Move spilled jobs from the outbox into RQ, in order, exactly once."""
+    log = logging.getLogger("spillover.replay")
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: finishing the batch in hand", signal.Signals(signum).name)
+        stopping.set()
+
+    if not once:  # first thing: a stop request during start-up is honoured too
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     _setup_logging(log_level, log_format)
     names = [name for value in queues for name in value.split()]
     config = ReplayConfig(batch_size, poll_interval, marker_ttl, retention, max_attempts, lease_ttl, names)
     outbox = Outbox(database_url, max_backlog=0)
     replayer = Replayer(outbox, client_from_url(redis_url, timeout=redis_timeout), config)
-    log = logging.getLogger("spillover.replay")
+    replayer.stopping = stopping
     log.info("replaying %s -> %s", outbox.url, settings.redact(redis_url))
     if metrics_port is not None:
         register_backlog(outbox.queue_stats)
@@ -200,13 +211,6 @@ def replay_main(
             stats = replayer.run_once()
             log.info("done: %d replayed, %d duplicates skipped, %d dead", stats.replayed, stats.duplicates, stats.dead)
             return
-
-        def stop(signum: int, _frame: FrameType | None) -> None:
-            log.info("%s: finishing the batch in hand", signal.Signals(signum).name)
-            replayer.stopping.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
         replayer.run()
     except SpilloverError as exc:
         raise click.ClickException(str(exc)) from None

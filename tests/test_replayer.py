@@ -82,12 +82,26 @@ def test_killed_between_redis_write_and_outbox_commit_never_doubles(redis_server
 
 def test_three_replayers_at_once_deliver_each_job_once_in_order(redis_server, outbox_url):
     ids = spill(outbox_url, "multi", 3000)
+    ports = [free_port() for _ in range(3)]
     procs = [
-        replayer(outbox_url, redis_server.url, "--poll-interval", "0.1", "--batch-size", "100", "--lease-ttl", "2")
-        for _ in range(3)
+        replayer(
+            outbox_url,
+            redis_server.url,
+            "--poll-interval",
+            "0.1",
+            "--batch-size",
+            "100",
+            "--lease-ttl",
+            "2",
+            "--metrics-port",
+            str(port),
+        )
+        for port in ports
     ]
     outbox_ = Outbox(outbox_url)
     wait_for(lambda: outbox_.pending_count() == 0, timeout=60)
+    for port in ports:  # all three are up and running, not just the one that drained
+        wait_for(lambda p=port: _healthy(p), timeout=20)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:
@@ -211,3 +225,13 @@ def test_ambiguous_row_older_than_the_marker_ttl_is_not_replayed_blindly(redis_s
     dead = outbox_.dead_rows()
     assert [row["job_id"] for row in dead] == ["maybe-delivered"] and "marker" in dead[0]["last_error"]
     assert queued(redis_server.client(), "amb-old") == ["fine"]
+
+
+def _healthy(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
