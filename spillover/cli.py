@@ -10,8 +10,9 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import redis
@@ -28,22 +29,28 @@ from .replayer import ReplayConfig, Replayer
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def env_option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option backed by an environment variable, shown in --help (as in RQ's CLI)."""
+    return click.option(*names, envvar=env, show_envvar=True, **kwargs)
+
+
 def redis_option(f: Any) -> Any:
-    return click.option(
+    return env_option(
         "--redis-url",
-        envvar="SPILLOVER_REDIS_URL",
+        env="SPILLOVER_REDIS_URL",
         default=settings.DEFAULT_REDIS_URL,
-        show_envvar=True,
         help="Redis that RQ uses.",
     )(f)
 
 
 def database_option(f: Any) -> Any:
-    return click.option(
+    return env_option(
         "--database-url",
-        envvar="SPILLOVER_DATABASE_URL",
+        env="SPILLOVER_DATABASE_URL",
         default=settings.DEFAULT_DATABASE_URL,
-        show_envvar=True,
         help="SQLAlchemy URL of the outbox.",
     )(f)
 
@@ -75,97 +82,85 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 @click.command(context_settings=_ctx)
 @redis_option
 @database_option
-@click.option(
+@env_option(
     "--queue",
     "queues",
     multiple=True,
-    envvar="SPILLOVER_QUEUES",
-    show_envvar=True,
+    env="SPILLOVER_QUEUES",
     help="Queue to replay (repeatable; env: space-separated). Default: every queue in the outbox.",
 )
-@click.option(
+@env_option(
     "--once",
     is_flag=True,
-    envvar="SPILLOVER_ONCE",
-    show_envvar=True,
+    env="SPILLOVER_ONCE",
     help="Drain what is pending, then exit (non-zero if Redis is unreachable).",
 )
-@click.option(
+@env_option(
     "--batch-size",
     type=click.IntRange(1, 10_000),
     default=500,
-    envvar="SPILLOVER_BATCH_SIZE",
-    show_envvar=True,
+    env="SPILLOVER_BATCH_SIZE",
     help="Rows per Redis call and per outbox transaction.",
 )
-@click.option(
+@env_option(
     "--poll-interval",
     type=click.FloatRange(0.01),
     default=1.0,
-    envvar="SPILLOVER_POLL_INTERVAL",
-    show_envvar=True,
+    env="SPILLOVER_POLL_INTERVAL",
     help="Seconds between looks at an empty outbox.",
 )
-@click.option(
+@env_option(
     "--marker-ttl",
     type=click.IntRange(60),
     default=settings.DEFAULT_MARKER_TTL,
-    envvar="SPILLOVER_MARKER_TTL",
-    show_envvar=True,
+    env="SPILLOVER_MARKER_TTL",
     help="Seconds a delivery marker lives in Redis (keep equal on producers).",
 )
-@click.option(
+@env_option(
     "--retention",
     type=click.FloatRange(0),
     default=0.0,
-    envvar="SPILLOVER_RETENTION",
-    show_envvar=True,
+    env="SPILLOVER_RETENTION",
     help="Seconds to keep replayed rows as 'done' (0: delete at once).",
 )
-@click.option(
+@env_option(
     "--max-attempts",
     type=click.IntRange(1),
     default=3,
-    envvar="SPILLOVER_MAX_ATTEMPTS",
-    show_envvar=True,
+    env="SPILLOVER_MAX_ATTEMPTS",
     help="Failed replays of a row before it is marked dead.",
 )
-@click.option(
+@env_option(
     "--lease-ttl",
     type=click.FloatRange(1),
     default=10.0,
-    envvar="SPILLOVER_LEASE_TTL",
-    show_envvar=True,
+    env="SPILLOVER_LEASE_TTL",
     help="Seconds before a dead replayer's lease passes to a standby.",
 )
-@click.option(
+@env_option(
     "--redis-timeout",
     type=click.FloatRange(0.1),
     default=5.0,
-    envvar="SPILLOVER_REPLAY_REDIS_TIMEOUT",
-    show_envvar=True,
+    env="SPILLOVER_REPLAY_REDIS_TIMEOUT",
     help="Seconds the replayer waits on Redis (connect, reply) before it counts Redis as down.",
 )
-@click.option(
+@env_option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
-    envvar="SPILLOVER_METRICS_PORT",
-    show_envvar=True,
+    env="SPILLOVER_METRICS_PORT",
     help="Serve /metrics, /healthz and /readyz on this port (default: off).",
 )
-@click.option(
+@env_option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
-    envvar="SPILLOVER_LOG_FORMAT",
-    show_envvar=True,
+    env="SPILLOVER_LOG_FORMAT",
 )
-@click.option(
+@env_option(
     "--log-level",
     default="INFO",
-    envvar="SPILLOVER_LOG_LEVEL",
-    show_envvar=True,
+    env="SPILLOVER_LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
 def replay_main(
@@ -316,18 +311,16 @@ def dead_purge(database_url: str, row_id: int | None, all_rows: bool) -> None:
 
 
 @main.command()
-@click.option(
+@env_option(
     "--redis-url",
-    envvar="SPILLOVER_REDIS_URL",
-    show_envvar=True,
+    env="SPILLOVER_REDIS_URL",
     default=None,
     help="Redis to rehearse against (through a proxy; nothing is cut on the real server). "
     "Default: a throwaway redis-server.",
 )
-@click.option(
+@env_option(
     "--database-url",
-    envvar="SPILLOVER_DATABASE_URL",
-    show_envvar=True,
+    env="SPILLOVER_DATABASE_URL",
     default=None,
     help="Outbox to use. Default: a SQLite file in a temporary directory.",
 )
