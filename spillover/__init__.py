@@ -4,6 +4,8 @@
 ``spillover-replay`` next to your workers.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BacklogFull,
     ConfigurationError,
@@ -14,8 +16,20 @@ from .errors import (
     SpilloverError,
 )
 from .outbox import Outbox
-from .queue import Queue, was_spilled
 from .redis_side import redis_from_url
+
+if TYPE_CHECKING:
+    from .queue import Queue, was_spilled
+
+
+def __getattr__(name: str) -> Any:
+    """Queue and was_spilled load RQ on first use, so ``spillover-replay`` starts without it."""
+    if name in ("Queue", "was_spilled"):
+        from . import queue
+
+        return getattr(queue, name)
+    raise AttributeError(f"module 'spillover' has no attribute {name!r}")
+
 
 __all__ = [
     "BacklogFull",

@@ -28,13 +28,18 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
-from rq.job import Job
-from rq.queue import Queue as RQQueue
-from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
 
 from .errors import ConfigurationError
 from .settings import MARKER_PREFIX, PROBE_KEY, redact
 from .stored_job import msgpack_array_header, msgpack_str
+
+# RQ's key names (rq 2.x; tests/test_redis_side.py checks them against rq). Spelled out here
+# so the replayer does not import rq at all: it never needs RQ's code, only its key layout.
+RQ_QUEUE_PREFIX = "rq:queue:"
+RQ_QUEUES_KEY = "rq:queues"
+RQ_JOB_PREFIX = "rq:job:"
+RQ_SCHEDULED_KEY = "rq:scheduled:{0}"
+RQ_DEFERRED_KEY = "rq:deferred:{0}"
 
 # Replies that mean "this server cannot take writes right now", not "you asked wrong".
 _UNAVAILABLE_REPLIES = ("LOADING", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
@@ -160,11 +165,11 @@ class ReplayScript:
 
     def start(self, queue_name: str, rows: Sequence[ReplayItem]) -> PendingPush:
         args: list[Any] = [
-            RQQueue.redis_queue_namespace_prefix + queue_name,
-            RQQueue.redis_queues_keys,
-            Job.redis_job_namespace_prefix,
-            ScheduledJobRegistry.key_template.format(queue_name),
-            DeferredJobRegistry.key_template.format(queue_name),
+            RQ_QUEUE_PREFIX + queue_name,
+            RQ_QUEUES_KEY,
+            RQ_JOB_PREFIX,
+            RQ_SCHEDULED_KEY.format(queue_name),
+            RQ_DEFERRED_KEY.format(queue_name),
             MARKER_PREFIX,
             self.marker_ttl,
             pack_rows(rows),

@@ -52,3 +52,17 @@ def test_sentinel_urls():
 )
 def test_what_counts_as_an_outage(error, outage):
     assert is_outage(error) is outage
+
+
+def test_rq_key_names_are_rqs():
+    from rq.job import Job
+    from rq.queue import Queue as RQQueue
+    from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
+
+    from spillover import redis_side
+
+    assert RQQueue.redis_queue_namespace_prefix == redis_side.RQ_QUEUE_PREFIX
+    assert RQQueue.redis_queues_keys == redis_side.RQ_QUEUES_KEY
+    assert Job.redis_job_namespace_prefix == redis_side.RQ_JOB_PREFIX
+    assert ScheduledJobRegistry.key_template == redis_side.RQ_SCHEDULED_KEY
+    assert DeferredJobRegistry.key_template == redis_side.RQ_DEFERRED_KEY
