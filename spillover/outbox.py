@@ -46,10 +46,14 @@ class OutboxRow(NamedTuple):
 
 
 def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
-    """An Engine tuned for the outbox: durable SQLite, or a pre-pinged Postgres pool."""
+    """An Engine tuned for the outbox: durable SQLite, or a Postgres pool.
+
+    No pre-ping on Postgres (a round trip per spill): the spill and replay paths retry
+    once on a connection the server closed, and the replayer retries everything else.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url)
     if parsed.database in (None, "", ":memory:"):
         raise ConfigurationError("an in-memory SQLite outbox is not durable; give it a file path")
     timeout = settings.busy_timeout() if busy_timeout is None else busy_timeout
@@ -176,23 +180,38 @@ class Outbox:
         statements themselves. Errors come out as SQLAlchemy's, like everywhere else.
         """
         try:
-            raw = self.engine.raw_connection()
             try:
-                cursor = raw.cursor()
-                if self._is_sqlite:
-                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
-                result = work(cursor)
-                raw.commit()
-            except BaseException:
-                raw.rollback()
-                raise
-            finally:
-                raw.close()  # back to the pool
+                return self._run_raw(work, write)
+            except _StaleConnection:
+                return self._run_raw(work, write)  # the server restarted since this connection was pooled
+        except _StaleConnection as stale:
+            error: Exception = stale.error
         except self._dbapi_error as exc:
-            wrapped = DBAPIError.instance(sql, None, exc, self._dbapi_error)
-            if _is_missing_table(wrapped):
-                raise OutboxNotMigrated(outbox.name) from wrapped
-            raise wrapped from exc
+            error = exc
+        wrapped = DBAPIError.instance(sql, None, error, self._dbapi_error)
+        if _is_missing_table(wrapped):
+            raise OutboxNotMigrated(outbox.name) from wrapped
+        raise wrapped from error
+
+    def _run_raw(self, work: Callable[[Any], T], write: bool) -> T:
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            if self._is_sqlite:
+                cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+            result = work(cursor)
+            raw.commit()
+        except self._dbapi_error as exc:
+            if not self._is_sqlite and self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, None):  # type: ignore[arg-type]
+                raw.invalidate(exc)  # the server closed it: never hand it out again
+                raise _StaleConnection(exc) from exc
+            raw.rollback()
+            raise
+        except BaseException:
+            raw.rollback()
+            raise
+        finally:
+            raw.close()  # back to the pool (a no-op once invalidated)
         return result
 
     def _check_backlog(self, adding: int) -> None:
@@ -364,6 +383,14 @@ _DELETE_SQL = {
     True: "DELETE FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?))",
     False: "DELETE FROM spillover_outbox WHERE id = ANY(%s)",
 }
+
+
+class _StaleConnection(Exception):
+    """Internal: a pooled connection the server had closed (a retry on a fresh one is safe)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _id_list(ids: Sequence[int], sqlite: bool) -> Any:

@@ -127,7 +127,8 @@ class Queue(rq.Queue):
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
         self._server = _server_for(self.connection, timeout, settings.probe_interval())
         self._client = self._server.health.client
-        state_key = (id(self.outbox), server_key(self.connection), name)
+        # Per database, not per Outbox object: two Outbox objects on one database share its rows.
+        state_key = (self.outbox.engine.url, server_key(self.connection), name)
         with _lock:
             self._spill_state = _spill_states.setdefault(state_key, _SpillState())
 

@@ -14,6 +14,22 @@ from servers import RedisServer, create_database, postgres_url
 from spillover import migrate
 
 
+@pytest.fixture(autouse=True)
+def fresh_process_state() -> Iterator[None]:
+    """Each test starts with no remembered Redis health or spill state.
+
+    spillover keeps them per Redis address for the life of the process, which is right
+    in production (an address is one server) but not across tests, where a later test
+    may get an earlier test's port for a different server.
+    """
+    yield
+    from spillover import queue
+
+    queue._servers.clear()
+    queue._outboxes.clear()
+    queue._spill_states.clear()
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)

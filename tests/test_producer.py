@@ -120,7 +120,7 @@ def test_refused_redis_spills_fast_and_stays_cheap(sqlite_url):
 def test_stalled_redis_spills_within_a_second(redis_server, sqlite_url):
     proxy = FaultProxy("127.0.0.1", redis_server.port)
     q = Queue("stall", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
-    q.enqueue(jobs.noop)  # warm: direct
+    assert not was_spilled(q.enqueue(jobs.noop))  # warm: direct
     proxy.set_mode("stall")
     started = time.perf_counter()
     job = q.enqueue(jobs.noop)
@@ -158,7 +158,7 @@ def test_readonly_replica_spills_then_replays_after_promotion(make_redis, sqlite
 def test_lost_reply_leaves_a_marker_and_replay_does_not_double(redis_server, sqlite_url):
     proxy = FaultProxy("127.0.0.1", redis_server.port)
     q = Queue("amb", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
-    q.enqueue(jobs.noop)  # connection and server version in place
+    assert not was_spilled(q.enqueue(jobs.noop))  # connection and server version in place
     proxy.set_mode("drop_replies")
     job = q.enqueue(jobs.noop, job_id="landed")
     assert was_spilled(job)

@@ -13,7 +13,7 @@ from helpers import IN_CI, replay_once, wait_for
 from servers import PostgresCluster, create_database, free_port
 from sqlalchemy import create_engine, insert
 
-from spillover import Outbox, Queue, migrate
+from spillover import Outbox, Queue, migrate, was_spilled
 from spillover.schema import outbox
 
 
@@ -97,3 +97,14 @@ def test_outbox_down_with_redis_down_raises_and_stores_nothing(pg_cluster):
     assert isinstance(caught.value.redis_error, redis.ConnectionError)
     pg_cluster.start()
     assert [r.job_id for r in Outbox(url).fetch_pending(QUEUE, 10)] == ["stored"]
+
+
+def test_spills_go_on_after_postgres_restarts_under_a_warm_pool(pg_cluster):
+    url = pg_cluster.url
+    migrate.upgrade(url)
+    queue = Queue(QUEUE, connection=redis.Redis(port=free_port()), outbox=Outbox(url, max_backlog=0))
+    queue.enqueue(jobs.noop, job_id="before")  # the pool now holds a connection
+    pg_cluster.stop("fast")
+    pg_cluster.start()
+    assert was_spilled(queue.enqueue(jobs.noop, job_id="after")), "a stale pooled connection is not an outage"
+    assert [r.job_id for r in Outbox(url).fetch_pending(QUEUE, 10)] == ["before", "after"]
