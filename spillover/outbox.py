@@ -100,7 +100,11 @@ def producer_id() -> str:
 
 
 class Outbox:
-    """The outbox table behind one database URL or Engine; share one per process."""
+    """The outbox table behind one database URL or Engine; share one per process.
+
+    Give a URL and spillover tunes the engine (WAL, ``synchronous=FULL``, busy timeout for
+    SQLite); an Engine you pass is used as it is, so make it with ``create_outbox_engine``.
+    """
 
     def __init__(
         self,
