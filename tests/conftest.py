@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,20 @@ def fresh_process_state() -> Iterator[None]:
     queue._servers.clear()
     queue._outboxes.clear()
     queue._spill_states.clear()
+    _kill_leftover_children()
+
+
+def _kill_leftover_children() -> None:
+    """A test that failed half-way may leave replayers or producers running: end them."""
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # fields: state, ppid, ...
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
 @pytest.fixture
