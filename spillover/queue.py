@@ -314,7 +314,6 @@ class Queue(rq.Queue):
     def _spilled(
         self, job: Job, *, at_front: bool = False, scheduled_at: int | None = None, ambiguous: bool
     ) -> SpilledJob:
-        job.origin = self.name
         return SpilledJob(
             queue=self.name,
             job_id=job.id,

@@ -160,9 +160,6 @@ class ReplayScript:
         self.source = load_script("replay.lua")
         self.sha: str | None = None
 
-    def push(self, queue_name: str, rows: Sequence[ReplayItem]) -> tuple[list[int], str | None]:
-        return self.start(queue_name, rows).result()
-
     def start(self, queue_name: str, rows: Sequence[ReplayItem]) -> PendingPush:
         args: list[Any] = [
             RQ_QUEUE_PREFIX + queue_name,

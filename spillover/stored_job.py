@@ -47,39 +47,23 @@ def encode_hash(mapping: dict[str, Any]) -> bytes:
     data, meta) are kept as they are and the replay script unpacks a whole job with
     one ``cmsgpack.unpack`` call: the replayer passes the stored bytes through untouched.
     """
-    parts = [
-        field.encode() if i % 2 == 0 else encode_value(field)
-        for pair in mapping.items()
-        for i, field in enumerate(pair)
-    ]
-    return b"".join([_ARRAY32.pack(0xDD, len(parts)), *(_STR32.pack(0xDB, len(p)) + p for p in parts)])
+    parts = [msgpack_array_header(2 * len(mapping))]
+    for field, value in mapping.items():
+        parts += [msgpack_str(field.encode()), msgpack_str(encode_value(value))]
+    return b"".join(parts)
 
 
-def decode_hash(job_hash: bytes) -> dict[str, bytes]:
-    """The job hash as the field -> bytes mapping Redis will hold."""
-    marker, count = _ARRAY32.unpack_from(job_hash, 0)
-    if marker != 0xDD:
-        raise ValueError("not a stored job hash")
-    parts, pos = [], _ARRAY32.size
-    for _ in range(count):
-        _, length = _STR32.unpack_from(job_hash, pos)
-        pos += _STR32.size
-        parts.append(job_hash[pos : pos + length])
-        pos += length
-    return {parts[i].decode(): parts[i + 1] for i in range(0, len(parts), 2)}
-
-
-_ARRAY32 = struct.Struct(">BI")
-_STR32 = struct.Struct(">BI")
+# MessagePack array32 (0xDD) and str32 (0xDB) headers: a type byte and a 32-bit length.
+_TYPE_AND_LENGTH = struct.Struct(">BI")
 
 
 def msgpack_array_header(length: int) -> bytes:
-    return _ARRAY32.pack(0xDD, length)
+    return _TYPE_AND_LENGTH.pack(0xDD, length)
 
 
 def msgpack_str(raw: bytes) -> bytes:
     """A MessagePack str32 carrying raw bytes (Lua strings are bytes; cmsgpack has no bin type)."""
-    return _STR32.pack(0xDB, len(raw)) + raw
+    return _TYPE_AND_LENGTH.pack(0xDB, len(raw)) + raw
 
 
 def schedule_timestamp(when: datetime) -> int:
