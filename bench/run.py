@@ -276,7 +276,7 @@ def bench_outage_latency(workdir: Path, server: RedisServer) -> None:
 
         for _ in range(500):
             t = time.perf_counter()
-            raw.append([SpilledJob("raw", "x", b"\xdd\x00\x00\x00\x00")])
+            raw.append([SpilledJob("bench", "raw", "x", b"\xdd\x00\x00\x00\x00")])
             writes.append(time.perf_counter() - t)
         writes.sort()
         default = redis.Redis(port=proxy.port)

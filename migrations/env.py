@@ -9,9 +9,10 @@ table keeps us out of the host application's ``alembic_version``.
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection
 
 from spillover import settings
+from spillover.outbox import create_outbox_engine
 from spillover.schema import VERSION_TABLE, metadata
 
 config = context.config
@@ -42,7 +43,7 @@ def run_online() -> None:
         run_with(connection)
         return
     url = config.get_main_option("sqlalchemy.url") or settings.database_url()
-    engine = create_engine(url)
+    engine = create_outbox_engine(url)  # an SQLite file is created owner-only
     with engine.connect() as connection:
         run_with(connection)
     engine.dispose()

@@ -10,23 +10,78 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, TypeVar
 
 import click
 import redis
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from . import settings
 from .endpoints import serve
 from .errors import SpilloverError
-from .lease import REPLAY_LEASE, Lease
+from .lease import live_leases
 from .metrics import register_backlog
 from .outbox import Outbox
-from .redis_side import client_from_url, is_outage, probe_write
+from .redis_side import client_from_url, is_outage, probe_write, resolve_target
 from .replayer import ReplayConfig, Replayer
 
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
+
+
+def explain(exc: Exception, params: dict[str, Any]) -> str | None:
+    """One line saying what is wrong and what to do, for errors of input or of services; None for bugs."""
+    database = settings.redact(str(params.get("database_url") or settings.database_url()))
+    if isinstance(exc, SpilloverError):
+        return str(exc)
+    if isinstance(exc, (NoSuchModuleError, ArgumentError)):
+        return (
+            f"cannot use database URL {database!r} ({_first_line(exc)}); "
+            "give sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        )
+    if isinstance(exc, ModuleNotFoundError) and exc.name in ("psycopg", "psycopg2"):
+        return f"the PostgreSQL driver is missing ({exc.name}): pip install 'spillover[postgres]'"
+    if isinstance(exc, DBAPIError):
+        problem = _first_line(exc.orig or exc)
+        if "unable to open database file" in problem:
+            return f"cannot open the SQLite outbox {database}: does its directory exist, and may this user write it?"
+        return f"outbox database {database} is not usable: {problem}; is it running, and is the URL right?"
+    if isinstance(exc, redis.RedisError):
+        url = settings.redact(str(params.get("redis_url") or settings.redis_url()))
+        return f"redis {url}: {exc.__class__.__name__}: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
+
+
+class Command(click.Command):
+    """A command whose errors of input and of services end as one line and exit 1 (click's 2 for usage).
+
+    The traceback is printed too with ``--log-level DEBUG``; errors that are bugs keep theirs.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if isinstance(exc, click.ClickException):
+                raise
+            message = explain(exc, ctx.params)
+            if message is None:
+                raise
+            if logging.getLogger("spillover").isEnabledFor(logging.DEBUG):
+                traceback.print_exc()
+            raise click.ClickException(message) from None
+
+
+class Group(click.Group):
+    command_class = Command
+    group_class = type
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,6 +98,25 @@ def redis_option(f: Any) -> Any:
         env="SPILLOVER_REDIS_URL",
         default=settings.DEFAULT_REDIS_URL,
         help="Redis that RQ uses.",
+    )(f)
+
+
+def target_option(f: Any) -> Any:
+    return env_option(
+        "--target",
+        env="SPILLOVER_TARGET",
+        default=None,
+        help="Name of the Redis whose rows to handle. Default: host:port/db of --redis-url.",
+    )(f)
+
+
+def log_level_option(f: Any) -> Any:
+    return env_option(
+        "--log-level",
+        default="INFO",
+        env="SPILLOVER_LOG_LEVEL",
+        type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+        help="DEBUG also prints the traceback of an error.",
     )(f)
 
 
@@ -79,9 +153,10 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-@click.command(context_settings=_ctx)
+@click.command(cls=Command, context_settings=_ctx)
 @redis_option
 @database_option
+@target_option
 @env_option(
     "--queue",
     "queues",
@@ -157,15 +232,11 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     default="text",
     env="SPILLOVER_LOG_FORMAT",
 )
-@env_option(
-    "--log-level",
-    default="INFO",
-    env="SPILLOVER_LOG_LEVEL",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-)
+@log_level_option
 def replay_main(
     redis_url: str,
     database_url: str,
+    target: str | None,
     queues: tuple[str, ...],
     once: bool,
     batch_size: int,
@@ -192,64 +263,76 @@ def replay_main(
         signal.signal(signal.SIGINT, stop)
     _setup_logging(log_level, log_format)
     names = [name for value in queues for name in value.split()]
-    config = ReplayConfig(batch_size, poll_interval, marker_ttl, retention, max_attempts, lease_ttl, names)
+    config = ReplayConfig(batch_size, poll_interval, marker_ttl, retention, max_attempts, lease_ttl, names, target)
     outbox = Outbox(database_url, max_backlog=0)
     replayer = Replayer(outbox, client_from_url(redis_url, timeout=redis_timeout), config)
     replayer.stopping = stopping
-    log.info("replaying %s -> %s", outbox.url, settings.redact(redis_url))
+    log.info("replaying %s -> %s (target %s)", outbox.url, settings.redact(redis_url), replayer.target)
     if metrics_port is not None:
         register_backlog(outbox.queue_stats)
         serve(metrics_port, replayer.heartbeat, replayer.ready)
         log.info("serving /metrics, /healthz, /readyz on port %d", metrics_port)
-    try:
-        if once:
-            stats = replayer.run_once()
-            log.info("done: %d replayed, %d duplicates skipped, %d dead", stats.replayed, stats.duplicates, stats.dead)
-            return
-        replayer.run()
-    except SpilloverError as exc:
-        raise click.ClickException(str(exc)) from None
+    if once:
+        stats = replayer.run_once()
+        log.info("done: %d replayed, %d duplicates skipped, %d dead", stats.replayed, stats.duplicates, stats.dead)
+        return
+    replayer.run()
 
 
-@click.group(context_settings=_ctx)
-def main() -> None:
+@click.group(cls=Group, context_settings=_ctx)
+@log_level_option
+def main(log_level: str) -> None:
     """Administer the spillover outbox."""
+    _setup_logging(log_level)
 
 
 @main.command()
 @redis_option
 @database_option
+@target_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(redis_url: str, database_url: str, as_json: bool) -> None:
-    """Per queue: pending rows, age of the oldest, dead rows; Redis health; the lease holder."""
+def status(redis_url: str, database_url: str, target: str | None, as_json: bool) -> None:
+    """Per target and queue: pending rows, age of the oldest, dead rows, who drains it; Redis health."""
+    client = client_from_url(redis_url, timeout=1.0)
+    mine = resolve_target(target, client)
     outbox = Outbox(database_url, max_backlog=0)
-    try:
-        queues = outbox.queue_stats()
-        holder = Lease(outbox.engine, "status", 0, REPLAY_LEASE).current()
-    except SpilloverError as exc:
-        raise click.ClickException(str(exc)) from None
-    redis_state = _redis_state(redis_url)
+    outbox.check_schema()
+    queues = outbox.queue_stats()
+    drainers = {(lease.target, lease.queue): lease.holder for lease in live_leases(outbox.engine)}
+    targets: dict[str, dict[str, Any]] = {}
+    for entry in queues:
+        entry["drainer"] = drainers.get((entry["target"], entry["queue"]))
+        totals = targets.setdefault(entry["target"], {"target": entry["target"], "pending": 0, "dead": 0})
+        totals["pending"] += entry["pending"]
+        totals["dead"] += entry["dead"]
+    redis_state = _redis_state(client)
     report: dict[str, Any] = {
         "outbox": outbox.url,
         "redis": {"url": settings.redact(redis_url), "state": redis_state},
-        "lease": None if holder is None else {"holder": holder.holder, "expires_in_s": round(holder.expires_in, 1)},
+        "target": mine,
+        "targets": [{**totals, "this": name == mine} for name, totals in sorted(targets.items())],
         "queues": queues,
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"outbox: {report['outbox']}")
-    click.echo(f"redis:  {report['redis']['url']} ({redis_state})")
-    click.echo(f"lease:  {holder.holder if holder else 'free'}")
-    click.echo(f"{'queue':<24} {'pending':>9} {'oldest (s)':>11} {'dead':>6}")
+    click.echo(f"redis:  {report['redis']['url']} ({redis_state}), target {mine}")
+    for entry in report["targets"]:
+        if not entry["this"]:
+            click.echo(
+                f"other target {entry['target']}: {entry['pending']} pending, {entry['dead']} dead (not this Redis)"
+            )
+    click.echo(f"{'target':<22} {'queue':<20} {'pending':>9} {'oldest (s)':>11} {'dead':>6}  drained by")
     for entry in queues:
         oldest = "-" if entry["oldest_age_s"] is None else f"{entry['oldest_age_s']:.1f}"
-        click.echo(f"{entry['queue']:<24} {entry['pending']:>9} {oldest:>11} {entry['dead']:>6}")
+        row = f"{entry['target']:<22} {entry['queue']:<20} {entry['pending']:>9} {oldest:>11} {entry['dead']:>6}"
+        click.echo(f"{row}  {entry['drainer'] or '-'}")
 
 
-def _redis_state(redis_url: str) -> str:
+def _redis_state(client: redis.Redis) -> str:
     try:
-        probe_write(client_from_url(redis_url, timeout=1.0))
+        probe_write(client)
     except redis.RedisError as exc:
         return f"down: {exc.__class__.__name__}" if is_outage(exc) else f"error: {exc}"
     return "up"
@@ -264,7 +347,10 @@ def db() -> None:
 @database_option
 @click.option("--revision", default="head", help="Target revision.")
 def upgrade(database_url: str, revision: str) -> None:
-    """Create or update the outbox tables (the same migrations as `alembic upgrade head`)."""
+    """Create or update the outbox tables (the same migrations as `alembic upgrade head`).
+
+    Rows already in the outbox are given the target of SPILLOVER_TARGET, else of SPILLOVER_REDIS_URL.
+    """
     from .migrate import upgrade as run_upgrade
 
     run_upgrade(database_url, revision)

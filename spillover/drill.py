@@ -29,7 +29,7 @@ from .errors import ConfigurationError
 from .faultproxy import FaultProxy
 from .outbox import Outbox
 from .queue import Queue, was_spilled
-from .redis_side import client_from_url
+from .redis_side import client_from_url, resolve_target
 from .replayer import ReplayConfig, Replayer
 
 
@@ -96,6 +96,7 @@ def run_drill(
     target = redis.Redis.from_url(redis_url)
     host = target.connection_pool.connection_kwargs.get("host", "127.0.0.1")
     port = int(target.connection_pool.connection_kwargs.get("port", 6379))
+    target_name = resolve_target(None, target)  # producers go through the proxy, rows are for the real server
     migrate.upgrade(database_url)
     run = uuid.uuid4().hex[:8]
     queue_name = f"spillover-drill-{run}"
@@ -103,7 +104,8 @@ def run_drill(
     proxy = FaultProxy(host, port)
     report = DrillReport()
     try:
-        queue = Queue(queue_name, connection=redis.Redis(host="127.0.0.1", port=proxy.port), outbox=outbox)
+        through_proxy = redis.Redis(host="127.0.0.1", port=proxy.port)
+        queue = Queue(queue_name, connection=through_proxy, outbox=outbox, target=target_name)
         third = max(jobs // 3, 1)
 
         def enqueue(seq: int) -> None:
@@ -129,7 +131,8 @@ def run_drill(
         restored = time.monotonic()
         for seq in range(2 * third, jobs):
             enqueue(seq)
-        replayer = Replayer(outbox, client_from_url(redis_url, 5.0), ReplayConfig(queues=[queue_name]))
+        config = ReplayConfig(queues=[queue_name], target=target_name)
+        replayer = Replayer(outbox, client_from_url(redis_url, 5.0), config)
         stats = replayer.run_once()
         report.recovery_s = time.monotonic() - restored
         report.replayed, report.duplicates_suppressed = stats.replayed, stats.duplicates

@@ -42,7 +42,7 @@ def serve(port: int, heartbeat: Heartbeat, ready: Callable[[], bool], host: str 
                 self._send(200 if alive else 503, b"ok\n" if alive else b"main loop stalled\n")
             elif self.path == "/readyz":
                 try:
-                    is_ready, reason = ready(), "another replayer holds the lease"
+                    is_ready, reason = ready(), "not ready"
                 except Exception as exc:  # the outbox is unreachable: not ready, say why
                     is_ready, reason = False, f"outbox unreachable: {exc.__class__.__name__}"
                 self._send(200 if is_ready else 503, b"ok\n" if is_ready else f"{reason}\n".encode())

@@ -20,11 +20,12 @@ class OutboxError(SpilloverError):
 
 
 class OutboxNotMigrated(OutboxError):
-    """The outbox table is missing: the schema was never created."""
+    """The outbox schema is missing or older than this spillover: run the migrations."""
 
-    def __init__(self, table: str) -> None:
+    def __init__(self, table: str, found: str | None = None) -> None:
+        problem = f"outbox table {table!r} does not exist" if found is None else found
         super().__init__(
-            f"outbox table {table!r} does not exist; create it with "
+            f"{problem}; create or update it with "
             "`spillover db upgrade --database-url URL` (or `alembic upgrade head` "
             "from the spillover checkout with SPILLOVER_DATABASE_URL set)"
         )

@@ -1,9 +1,13 @@
-"""Who may drain the outbox: a lease row in the outbox database.
+"""Who drains a queue: one lease row per target and queue in the outbox database.
 
-Any number of replayers may run; the one holding the lease drains, the others
-wait. The lease expires ``ttl`` seconds after its last renewal (by the
-database's clock, so hosts with skewed clocks agree), so a standby takes over
-within ``ttl`` seconds of the holder dying.
+Any number of replayers may run, each on any set of queues. A replayer drains a
+queue only while it holds that queue's lease, so each queue is drained by one
+replayer at a time (order), and different queues by different replayers at once.
+A lease expires ``ttl`` seconds after its last renewal (by the database's clock, so
+hosts with skewed clocks agree), so a standby takes a queue over within ``ttl``
+seconds of its drainer dying or stalling. A stalled drainer that wakes up with a
+batch in hand is harmless: the replay script skips every job whose delivery
+marker the new drainer has set.
 """
 
 from __future__ import annotations
@@ -14,9 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, delete, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from .schema import lease
-
-REPLAY_LEASE = "replay"
+from .schema import queue_lease
 
 
 def db_now(conn: Connection) -> float:
@@ -30,17 +32,23 @@ def db_now(conn: Connection) -> float:
 
 @dataclass(frozen=True)
 class LeaseInfo:
+    target: str
+    queue: str
     holder: str
     expires_in: float
 
 
-class Lease:
-    def __init__(self, engine: Engine, holder: str, ttl: float, name: str = REPLAY_LEASE) -> None:
+class QueueLease:
+    """The lease on one target's queue, as seen by one would-be holder."""
+
+    def __init__(self, engine: Engine, holder: str, ttl: float, target: str, queue: str) -> None:
         self.engine = engine
         self.holder = holder
         self.ttl = ttl
-        self.name = name
+        self.target = target
+        self.queue = queue
         self._renewed_at = -1e9
+        self._mine = (queue_lease.c.target == target) & (queue_lease.c.queue == queue)
 
     def hold(self) -> bool:
         """Still ours? Renews in the database only once a third of the TTL has passed.
@@ -65,17 +73,16 @@ class Lease:
         with self.engine.begin() as conn:
             now = db_now(conn)
             taken = conn.execute(
-                update(lease)
-                .where(lease.c.name == self.name, or_(lease.c.holder == self.holder, lease.c.expires_at < now))
+                update(queue_lease)
+                .where(self._mine, or_(queue_lease.c.holder == self.holder, queue_lease.c.expires_at < now))
                 .values(holder=self.holder, expires_at=now + self.ttl)
             ).rowcount
         if taken:
             return True
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    insert(lease).values(name=self.name, holder=self.holder, expires_at=db_now(conn) + self.ttl)
-                )
+                row = {"target": self.target, "queue": self.queue, "holder": self.holder}
+                conn.execute(insert(queue_lease).values(**row, expires_at=db_now(conn) + self.ttl))
         except IntegrityError:
             return False
         return True
@@ -83,13 +90,12 @@ class Lease:
     def release(self) -> None:
         self._renewed_at = -1e9
         with self.engine.begin() as conn:
-            conn.execute(delete(lease).where(lease.c.name == self.name, lease.c.holder == self.holder))
+            conn.execute(delete(queue_lease).where(self._mine, queue_lease.c.holder == self.holder))
 
-    def current(self) -> LeaseInfo | None:
-        """The live holder, if any."""
-        with self.engine.begin() as conn:
-            row = conn.execute(select(lease.c.holder, lease.c.expires_at).where(lease.c.name == self.name)).first()
-            if row is None:
-                return None
-            expires_in = float(row.expires_at) - db_now(conn)
-        return LeaseInfo(row.holder, expires_in) if expires_in > 0 else None
+
+def live_leases(engine: Engine) -> list[LeaseInfo]:
+    """Every unexpired lease: who drains which target's queue now."""
+    with engine.begin() as conn:
+        now = db_now(conn)
+        query = select(queue_lease).where(queue_lease.c.expires_at >= now).order_by("target", "queue")
+        return [LeaseInfo(r.target, r.queue, r.holder, float(r.expires_at) - now) for r in conn.execute(query)]

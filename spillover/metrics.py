@@ -33,11 +33,14 @@ DUPLICATES = Counter(
 )
 KILLED = Counter("spillover_dead_marked", "Outbox rows the replayer gave up on.", ["queue"])
 REDIS_UP = Gauge("spillover_redis_up", "1 when the replayer's write-probe to Redis succeeds.")
-LEASE_HELD = Gauge("spillover_lease_held", "1 while this replayer holds the replay lease.")
+LEASE_HELD = Gauge("spillover_lease_held", "Queue leases this replayer holds now (the queues it is draining).")
+
+
+LABELS = ["target", "queue"]
 
 
 class BacklogCollector(Collector):
-    """Backlog rows, age of the oldest row and dead rows per queue, read from the outbox at scrape time.
+    """Backlog rows, age of the oldest row and dead rows per target and queue, read from the outbox at scrape time.
 
     Cached for ``max_age`` seconds so frequent scrapes do not load the database.
     """
@@ -52,15 +55,14 @@ class BacklogCollector(Collector):
         if time.monotonic() - self._read_at > self._max_age:
             self._cached = self._stats()
             self._read_at = time.monotonic()
-        rows = GaugeMetricFamily("spillover_backlog_rows", "Pending outbox rows.", labels=["queue"])
-        oldest = GaugeMetricFamily(
-            "spillover_backlog_oldest_seconds", "Age of the oldest pending row.", labels=["queue"]
-        )
-        dead = GaugeMetricFamily("spillover_dead_rows", "Outbox rows marked dead.", labels=["queue"])
+        rows = GaugeMetricFamily("spillover_backlog_rows", "Pending outbox rows.", labels=LABELS)
+        oldest = GaugeMetricFamily("spillover_backlog_oldest_seconds", "Age of the oldest pending row.", labels=LABELS)
+        dead = GaugeMetricFamily("spillover_dead_rows", "Outbox rows marked dead.", labels=LABELS)
         for entry in self._cached:
-            rows.add_metric([entry["queue"]], entry["pending"])
-            oldest.add_metric([entry["queue"]], entry["oldest_age_s"] or 0.0)
-            dead.add_metric([entry["queue"]], entry["dead"])
+            labels = [entry["target"], entry["queue"]]
+            rows.add_metric(labels, entry["pending"])
+            oldest.add_metric(labels, entry["oldest_age_s"] or 0.0)
+            dead.add_metric(labels, entry["dead"])
         yield from (rows, oldest, dead)
 
 

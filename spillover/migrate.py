@@ -10,7 +10,9 @@ from importlib import resources
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
+
+from .outbox import create_outbox_engine
 
 
 def alembic_config() -> Config:
@@ -28,7 +30,8 @@ def downgrade(url_or_engine: str | Engine, revision: str) -> None:
 
 
 def _run(url_or_engine: str | Engine, action: object) -> None:
-    engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    # The outbox's own engine: an SQLite file is created owner-only, and ":memory:" is refused.
+    engine = create_outbox_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
         with engine.begin() as connection:
             config = alembic_config()

@@ -8,6 +8,7 @@ SQLite is set up for many producer processes at once: WAL journal,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 
 from . import settings
 from .errors import BacklogFull, ConfigurationError, OutboxNotMigrated
-from .schema import DEAD, DONE, PENDING, outbox
+from .schema import DEAD, DONE, PENDING, outbox, queue_lease
 from .stored_job import SpilledJob
 
 _READ = {"spillover_begin": "DEFERRED"}
@@ -56,9 +57,15 @@ def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engi
         return create_engine(url)
     if parsed.database in (None, "", ":memory:"):
         raise ConfigurationError("an in-memory SQLite outbox is not durable; give it a file path")
+    path = None if parsed.query.get("uri") else parsed.database
     timeout = settings.busy_timeout() if busy_timeout is None else busy_timeout
     # isolation_level=None: pysqlite stops issuing BEGIN itself; we issue our own below.
     engine = create_engine(url, connect_args={"timeout": timeout, "isolation_level": None})
+
+    @event.listens_for(engine, "do_connect")
+    def _owner_only(*_args: Any) -> None:
+        if path is not None:
+            _create_owner_only(path)
 
     @event.listens_for(engine, "connect")
     def _tune(dbapi_connection: Any, _record: Any) -> None:
@@ -75,6 +82,18 @@ def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engi
     return engine
 
 
+def _create_owner_only(path: str) -> None:
+    """Create the SQLite file 0600 before SQLite does: its -wal and -shm files take its mode.
+
+    Rows hold pickled calls: whoever can write them runs code on the workers, and
+    whoever can read them sees every argument.
+    """
+    # FileExistsError: an existing outbox keeps the mode its owner gave it. Any other
+    # OSError (no directory, no permission): SQLite's own error says so a moment later.
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def _dispose_in_child(engine_ref: weakref.ref[Engine]) -> None:
     engine = engine_ref()
     if engine is not None:
@@ -82,9 +101,12 @@ def _dispose_in_child(engine_ref: weakref.ref[Engine]) -> None:
         engine.dispose(close=False)
 
 
-def _is_missing_table(exc: StatementError) -> bool:
+def _is_missing_table(exc: StatementError, table: str = outbox.name) -> bool:
+    """``table``, or a column a newer migration adds, is missing: the schema is absent or behind."""
     text = str(exc.orig).lower()
-    return outbox.name in text and ("no such table" in text or "does not exist" in text)
+    if "no such column" in text or "has no column named" in text:
+        return True  # SQLite names the column, not always the table
+    return table in text and ("no such table" in text or "does not exist" in text)
 
 
 _producer: tuple[int, str] | None = None
@@ -123,7 +145,7 @@ class Outbox:
         self._estimated_at = -1e9
         self._is_sqlite = self.engine.dialect.name == "sqlite"
         self._dbapi_error: type[Exception] = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
-        names = ("queue", "job_id", "job_hash", "at_front", "scheduled_at", "ambiguous", "producer")
+        names = ("target", "queue", "job_id", "job_hash", "at_front", "scheduled_at", "ambiguous", "producer")
         statement = insert(outbox).values({name: bindparam(name) for name in names}).returning(outbox.c.id)
         compiled = statement.compile(dialect=self.engine.dialect)
         self._insert_sql = compiled.string
@@ -152,6 +174,28 @@ class Outbox:
                 raise OutboxNotMigrated(outbox.name) from exc
             raise
 
+    def check_schema(self) -> None:
+        """Raise OutboxNotMigrated unless the tables and columns this version uses are there.
+
+        Run once at start-up by the replayer and the admin commands, so an outbox that
+        was never migrated (or is behind) is named as such instead of failing later.
+        """
+        checks = {
+            outbox.name: select(outbox.c.target).limit(0),
+            queue_lease.name: select(queue_lease.c.holder).limit(0),
+        }
+        for table, query in checks.items():
+            try:
+                with self.engine.connect().execution_options(**_READ) as conn, conn.begin():
+                    conn.execute(query)
+            except DBAPIError as exc:
+                if not _is_missing_table(exc, table):
+                    raise
+                behind = "column" in str(exc.orig).lower()
+                raise OutboxNotMigrated(
+                    table, "the outbox schema is older than this spillover" if behind else None
+                ) from exc
+
     # -- producer side -------------------------------------------------------------
 
     def append(self, jobs: Sequence[SpilledJob]) -> list[int]:
@@ -167,7 +211,16 @@ class Outbox:
         def insert_all(cursor: Any) -> list[int]:
             ids = []
             for job in jobs:
-                row = (job.queue, job.job_id, job.job_hash, job.at_front, job.scheduled_at, job.ambiguous, producer)
+                row = (
+                    job.target,
+                    job.queue,
+                    job.job_id,
+                    job.job_hash,
+                    job.at_front,
+                    job.scheduled_at,
+                    job.ambiguous,
+                    producer,
+                )
                 cursor.execute(self._insert_sql, self._insert_params(row))
                 ids.append(int(cursor.fetchone()[0]))
             return ids
@@ -230,18 +283,25 @@ class Outbox:
         if self._pending_estimate + adding > self.max_backlog:
             raise BacklogFull(self._pending_estimate, self.max_backlog)
 
-    def pending_count(self, queue: str | None = None) -> int:
+    def pending_count(self, queue: str | None = None, target: str | None = None) -> int:
         query = select(func.count()).select_from(outbox).where(outbox.c.state == PENDING)
         if queue is not None:
             query = query.where(outbox.c.queue == queue)
+        if target is not None:
+            query = query.where(outbox.c.target == target)
         with self._transaction(read_only=True) as conn:
             return int(conn.scalar(query) or 0)
 
-    def has_pending(self, queue: str, up_to_id: int) -> bool:
-        """Whether any row of ``queue`` with id <= ``up_to_id`` still waits for replay."""
+    def has_pending(self, target: str, queue: str, up_to_id: int) -> bool:
+        """Whether any row of ``target``'s ``queue`` with id <= ``up_to_id`` still waits for replay."""
         query = (
             select(outbox.c.id)
-            .where(outbox.c.queue == queue, outbox.c.state == PENDING, outbox.c.id <= up_to_id)
+            .where(
+                outbox.c.target == target,
+                outbox.c.queue == queue,
+                outbox.c.state == PENDING,
+                outbox.c.id <= up_to_id,
+            )
             .limit(1)
         )
         with self._transaction(read_only=True) as conn:
@@ -249,19 +309,27 @@ class Outbox:
 
     # -- replayer side -------------------------------------------------------------
 
-    def pending_queues(self) -> list[str]:
-        query = select(outbox.c.queue).where(outbox.c.state == PENDING).group_by(outbox.c.queue)
+    def pending_by_target(self) -> dict[str, dict[str, int]]:
+        """Pending rows per target and queue: {target: {queue: rows}}."""
+        query = (
+            select(outbox.c.target, outbox.c.queue, func.count())
+            .where(outbox.c.state == PENDING)
+            .group_by(outbox.c.target, outbox.c.queue)
+        )
+        found: dict[str, dict[str, int]] = {}
         with self._transaction(read_only=True) as conn:
-            return sorted(conn.scalars(query))
+            for target, queue, count in conn.execute(query):
+                found.setdefault(target, {})[queue] = int(count)
+        return found
 
-    def fetch_pending(self, queue: str, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
-        """The oldest ``limit`` pending rows of ``queue``, in replay order, except ``exclude``.
+    def fetch_pending(self, target: str, queue: str, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
+        """The oldest ``limit`` pending rows of ``target``'s ``queue``, in replay order, except ``exclude``.
 
         Not "rows past the last id seen": on Postgres a row with a lower id may commit
         after a higher one, and must still go before that producer's later rows.
         """
         sql = _FETCH_SQL[self._is_sqlite]
-        params = (queue, _id_list(exclude, self._is_sqlite), limit)
+        params = (target, queue, _id_list(exclude, self._is_sqlite), limit)
         return self._raw(lambda cursor: _fetch(cursor, sql, params), sql, write=False)
 
     def mark_delivered(self, ids: Sequence[int], keep: bool) -> None:
@@ -310,24 +378,28 @@ class Outbox:
     # -- operators -----------------------------------------------------------------
 
     def queue_stats(self) -> list[dict[str, Any]]:
-        """Per queue: pending rows, age of the oldest pending row (s), dead rows."""
+        """Per target and queue: pending rows, age of the oldest pending row (s), dead rows."""
         age = func.max(_age_seconds(self.engine))
-        query = select(outbox.c.queue, outbox.c.state, func.count(), age).group_by(outbox.c.queue, outbox.c.state)
-        stats: dict[str, dict[str, Any]] = {}
+        query = select(outbox.c.target, outbox.c.queue, outbox.c.state, func.count(), age).group_by(
+            outbox.c.target, outbox.c.queue, outbox.c.state
+        )
+        stats: dict[tuple[str, str], dict[str, Any]] = {}
         with self._transaction(read_only=True) as conn:
-            for queue, state, count, oldest in conn.execute(query):
-                entry = stats.setdefault(queue, {"queue": queue, "pending": 0, "oldest_age_s": None, "dead": 0})
+            for target, queue, state, count, oldest in conn.execute(query):
+                empty = {"target": target, "queue": queue, "pending": 0, "oldest_age_s": None, "dead": 0}
+                entry = stats.setdefault((target, queue), empty)
                 if state == PENDING:
                     entry["pending"] = int(count)
                     entry["oldest_age_s"] = round(float(oldest), 1)
                 elif state == DEAD:
                     entry["dead"] = int(count)
-        return [stats[q] for q in sorted(stats)]
+        return [stats[key] for key in sorted(stats)]
 
     def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
         query = (
             select(
                 outbox.c.id,
+                outbox.c.target,
                 outbox.c.queue,
                 outbox.c.job_id,
                 outbox.c.attempts,
@@ -379,9 +451,10 @@ def _seconds_ago(engine: Engine, seconds: float) -> Any:
 _COLUMNS = "id, queue, job_id, job_hash, at_front, scheduled_at, ambiguous, attempts"
 _FETCH_SQL = {
     True: f"SELECT {_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400.0 FROM spillover_outbox "
-    "WHERE queue = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+    "WHERE target = ? AND queue = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)) "
+    "ORDER BY id LIMIT ?",
     False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox "
-    "WHERE queue = %s AND state = 'pending' AND id <> ALL(%s) ORDER BY id LIMIT %s",
+    "WHERE target = %s AND queue = %s AND state = 'pending' AND id <> ALL(%s) ORDER BY id LIMIT %s",
 }
 _DELETE_SQL = {
     True: "DELETE FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?))",

@@ -31,7 +31,7 @@ from . import metrics, settings
 from .errors import OutboxUnavailable
 from .health import RedisHealth
 from .outbox import Outbox
-from .redis_side import bounded_client, is_ambiguous, is_outage, marker_key, server_key
+from .redis_side import bounded_client, is_ambiguous, is_outage, marker_key, resolve_target, server_key
 from .stored_job import SpilledJob, encode_hash, schedule_timestamp
 
 #: While a queue is in spill mode, how often (s) to ask the outbox whether its rows are replayed.
@@ -106,6 +106,9 @@ def was_spilled(job: Job) -> bool:
 class Queue(rq.Queue):
     """Drop-in ``rq.Queue``; adds ``outbox=`` (URL, Engine or Outbox) and bounded Redis time.
 
+    ``target=`` names the Redis the spilled rows are meant for (default: ``SPILLOVER_TARGET``,
+    else ``host:port/db`` of ``connection``); a replayer drains only its own target's rows.
+
     Jobs carry their final id either way; ``was_spilled(job)`` tells which way they went.
     Calls that pass their own ``pipeline=`` or ``unique=True``, and ``is_async=False``
     queues, are RQ's own and are not spilled.
@@ -119,16 +122,19 @@ class Queue(rq.Queue):
         outbox: OutboxLike = None,
         redis_timeout: float | None = None,
         marker_ttl: int | None = None,
+        target: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(name, connection, *args, **kwargs)
         self.outbox = resolve_outbox(outbox)
+        #: The Redis this queue's spilled rows are meant for; replayers drain only their own target.
+        self.target = resolve_target(target, self.connection)
         self.marker_ttl = settings.marker_ttl() if marker_ttl is None else marker_ttl
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
         self._server = _server_for(self.connection, timeout, settings.probe_interval())
         self._client = self._server.health.client
         # Per database, not per Outbox object: two Outbox objects on one database share its rows.
-        state_key = (self.outbox.engine.url, server_key(self.connection), name)
+        state_key = (self.outbox.engine.url, server_key(self.connection), self.target, name)
         with _lock:
             self._spill_state = _spill_states.setdefault(state_key, _SpillState())
 
@@ -281,7 +287,7 @@ class Queue(rq.Queue):
             return False
         state.checked_at = time.monotonic()
         try:
-            drained = not self.outbox.has_pending(self.name, state.last_row_id)
+            drained = not self.outbox.has_pending(self.target, self.name, state.last_row_id)
         except SQLAlchemyError:
             return False  # cannot tell: keep spilling, order first
         if drained:
@@ -315,6 +321,7 @@ class Queue(rq.Queue):
         self, job: Job, *, at_front: bool = False, scheduled_at: int | None = None, ambiguous: bool
     ) -> SpilledJob:
         return SpilledJob(
+            target=self.target,
             queue=self.name,
             job_id=job.id,
             job_hash=encode_hash(job.to_dict()),

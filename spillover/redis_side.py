@@ -29,6 +29,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
+from . import settings
 from .errors import ConfigurationError
 from .settings import MARKER_PREFIX, PROBE_KEY, redact
 from .stored_job import msgpack_array_header, msgpack_str
@@ -107,11 +108,54 @@ def server_key(connection: redis.Redis) -> tuple[Any, ...]:
     )
 
 
+#: Longest target name the outbox column takes.
+TARGET_MAX_LENGTH = 255
+
+
+def target_of(connection: redis.Redis) -> str:
+    """The Redis a client writes to, as outbox rows record it.
+
+    ``host:port/db`` (the host as written, lower-cased), ``unix:path/db``, or
+    ``sentinel:service/db``: a producer and a replayer configured for the same
+    server derive the same name, so the replayer knows which rows are its own.
+    """
+    pool = connection.connection_pool
+    kwargs = pool.connection_kwargs
+    db = kwargs.get("db") or 0
+    if isinstance(pool, SentinelConnectionPool):
+        return f"sentinel:{pool.service_name}/{db}"
+    if kwargs.get("path"):
+        return f"unix:{kwargs['path']}/{db}"
+    host = str(kwargs.get("host") or "localhost").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{kwargs.get('port') or 6379}/{db}"
+
+
+def resolve_target(explicit: str | None, connection: redis.Redis) -> str:
+    """The target name to use: given, else ``SPILLOVER_TARGET``, else derived from the connection."""
+    name = explicit or settings.target() or target_of(connection)
+    if not name.strip() or len(name) > TARGET_MAX_LENGTH:
+        raise ConfigurationError(f"a target name must be 1 to {TARGET_MAX_LENGTH} characters: {name!r}")
+    return name
+
+
+def default_target() -> str:
+    """The target a replayer with default settings uses (SPILLOVER_TARGET, else SPILLOVER_REDIS_URL's)."""
+    return resolve_target(None, redis_from_url(settings.redis_url()))
+
+
 def redis_from_url(url: str, **kwargs: Any) -> redis.Redis:
     """``redis.Redis.from_url``, plus ``redis+sentinel://[[user]:password@]host:port[,host:port]/service[/db]``."""
     parsed = urlsplit(url)
     if not parsed.scheme.endswith("+sentinel"):
-        return redis.Redis.from_url(url, **kwargs)
+        try:
+            return redis.Redis.from_url(url, **kwargs)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"cannot use Redis URL {redact(url)!r} ({exc}); "
+                "give redis://, rediss://, unix:// or redis+sentinel://host:port/service"
+            ) from None
     hosts = []
     for item in parsed.netloc.rsplit("@", 1)[-1].split(","):
         host, _, port = item.rpartition(":")

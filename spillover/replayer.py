@@ -4,8 +4,10 @@ Exactly once rests on two things: the replay script writes a job and its
 delivery marker atomically and skips any job whose marker exists; and a row
 leaves the outbox only after Redis confirmed it. A crash between the two
 leaves a pending row whose marker exists, which the next pass skips.
-Order rests on the lease: one replayer drains at a time, oldest row first, and
-a row that fails stops its queue until it succeeds or is declared dead.
+Order rests on per-queue leases: one replayer drains a queue at a time, oldest
+row first, and a row that fails stops its queue until it succeeds or is declared
+dead. Different queues are drained by different replayers at once. A replayer
+drains only the rows meant for its own Redis (its target).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -25,9 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import metrics
 from .endpoints import Heartbeat
 from .errors import ReplayError
-from .lease import Lease
+from .lease import QueueLease, live_leases
 from .outbox import Outbox, OutboxRow
-from .redis_side import PendingPush, ReplayScript, is_outage, probe_write
+from .redis_side import PendingPush, ReplayScript, is_outage, probe_write, resolve_target
 
 log = logging.getLogger("spillover.replay")
 
@@ -47,6 +50,7 @@ class ReplayConfig:
     max_attempts: int = 3
     lease_ttl: float = 10.0
     queues: list[str] = field(default_factory=list)  # empty: every queue in the outbox
+    target: str | None = None  # None: SPILLOVER_TARGET, else derived from the Redis client
 
 
 @dataclass
@@ -62,7 +66,10 @@ class Replayer:
         self.client = client
         self.config = config or ReplayConfig()
         self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lease = Lease(outbox.engine, self.holder, self.config.lease_ttl)
+        self.target = resolve_target(self.config.target, client)
+        self._leases: dict[str, QueueLease] = {}
+        self._busy: dict[str, str] = {}  # queues another replayer drained at our last look: queue -> holder
+        self._foreign_reported: set[str] = set()  # other targets whose rows we have logged once
         self.script = ReplayScript(client, self.config.marker_ttl)
         self.stats = ReplayStats()
         self.stopping = threading.Event()
@@ -76,89 +83,130 @@ class Replayer:
 
     def run(self) -> None:
         """Drain until ``stopping`` is set; wait out Redis and outbox outages with capped backoff."""
+        self.outbox.check_schema()  # an outbox that never worked is a configuration error: say so, exit
         redis_wait = outbox_wait = 0.05
-        try:
-            while not self.stopping.is_set():
-                self.heartbeat.beat()
-                try:
-                    if not self._redis_healthy():
-                        self.stopping.wait(redis_wait)
-                        redis_wait = min(redis_wait * 2, 0.5)
-                        continue
-                    redis_wait = 0.05
-                    if not self._take_lease():
-                        self.stopping.wait(min(self.config.poll_interval, self.config.lease_ttl / 3))
-                        continue
-                    moved = self.drain()
-                    self._purge_retained()
-                    outbox_wait = 0.05
-                except RedisUnavailable:
+        while not self.stopping.is_set():
+            self.heartbeat.beat()
+            try:
+                if not self._redis_healthy():
+                    self.stopping.wait(redis_wait)
+                    redis_wait = min(redis_wait * 2, 0.5)
                     continue
-                except SQLAlchemyError as exc:
-                    # The outbox database restarted or is unreachable: what is in Redis is
-                    # marked, what is not is still pending there; try again shortly.
-                    log.warning("outbox unavailable (%s); retrying in %.1f s", _one_line(exc), outbox_wait)
-                    self.stopping.wait(outbox_wait)
-                    outbox_wait = min(outbox_wait * 2, 5.0)
-                    continue
-                if not moved:
-                    self.stopping.wait(self.config.poll_interval)
-        finally:
-            self._release()
+                redis_wait = 0.05
+                moved = self.drain()
+                self._purge_retained()
+                outbox_wait = 0.05
+            except RedisUnavailable:
+                continue
+            except SQLAlchemyError as exc:
+                # The outbox database restarted or is unreachable: what is in Redis is
+                # marked, what is not is still pending there; try again shortly.
+                log.warning("outbox unavailable (%s); retrying in %.1f s", _one_line(exc), outbox_wait)
+                self.stopping.wait(outbox_wait)
+                outbox_wait = min(outbox_wait * 2, 5.0)
+                continue
+            if not moved:
+                self.stopping.wait(self.config.poll_interval)
 
     def run_once(self, lease_wait: float | None = None) -> ReplayStats:
-        """Drain everything pending and return; ReplayError if Redis or the lease is not to be had."""
+        """Drain everything pending and return; ReplayError if Redis or a queue's lease is not to be had."""
+        self.outbox.check_schema()
         if not self._redis_healthy():
             raise ReplayError("redis is unreachable; nothing replayed")
         deadline = time.monotonic() + (2 * self.config.lease_ttl if lease_wait is None else lease_wait)
-        while not self._take_lease():
-            current = self.lease.current()
-            if time.monotonic() > deadline:
-                raise ReplayError(f"replay lease held by {current.holder if current else 'another replayer'}")
-            time.sleep(0.2)
         try:
-            while self.drain() or self._retry_pending:
+            while True:
+                moved = self.drain()
                 if self._retry_pending:
                     time.sleep(min(self.config.poll_interval, 1.0))  # do not hammer a failing row
+                elif not moved and not self._busy:
+                    break
+                elif not moved:  # only queues another replayer drains are left: wait for it
+                    if time.monotonic() > deadline:
+                        busy = ", ".join(f"{queue} by {holder}" for queue, holder in sorted(self._busy.items()))
+                        raise ReplayError(f"queues still being drained by another replayer: {busy}")
+                    time.sleep(0.2)
         except RedisUnavailable as exc:
             raise ReplayError(f"redis became unavailable during replay: {exc}") from exc
-        finally:
-            self._release()
         self._purge_retained()
         return self.stats
 
     # -- draining -------------------------------------------------------------------
 
     def drain(self) -> int:
-        """One pass over every queue with pending rows; rows moved (delivered or dead)."""
-        self._retry_pending = False
-        queues = self.config.queues or self.outbox.pending_queues()
-        return sum(self.drain_queue(queue) for queue in queues if not self.stopping.is_set())
+        """One pass over this target's queues with pending rows; rows moved (delivered or dead).
 
-    def drain_queue(self, queue: str) -> int:
-        """Replay ``queue`` oldest row first; rows moved (delivered or dead).
+        Queues are taken in random order, each under its own lease, so replayers
+        started together spread over the queues instead of queueing for the same one.
+        """
+        self._retry_pending = False
+        self._busy = {}
+        queues = self._queues_with_rows()
+        random.shuffle(queues)
+        moved = 0
+        for queue in queues:
+            if self.stopping.is_set():
+                break
+            lease = self._leases.get(queue) or QueueLease(
+                self.outbox.engine, self.holder, self.config.lease_ttl, self.target, queue
+            )
+            self._leases[queue] = lease
+            if not lease.acquire():
+                self._busy[queue] = "another replayer"
+                continue
+            metrics.LEASE_HELD.inc()
+            try:
+                moved += self.drain_queue(queue, lease)
+            finally:
+                self._release(lease)
+        if self._busy:
+            holders = {
+                info.queue: info.holder for info in live_leases(self.outbox.engine) if info.target == self.target
+            }
+            self._busy = {queue: holders.get(queue, "another replayer") for queue in self._busy}
+        return moved
+
+    def _queues_with_rows(self) -> list[str]:
+        """This replayer's queues with pending rows; rows meant for other Redis servers are logged once."""
+        pending = self.outbox.pending_by_target()
+        for target, queues in pending.items():
+            if target != self.target and target not in self._foreign_reported:
+                self._foreign_reported.add(target)
+                log.warning(
+                    "%d pending row(s) in queue(s) %s are meant for redis %r, not this replayer's %r: "
+                    "left for a replayer of that target (--target / SPILLOVER_TARGET)",
+                    sum(queues.values()),
+                    ", ".join(sorted(queues)),
+                    target,
+                    self.target,
+                )
+        mine = pending.get(self.target, {})
+        return [queue for queue in mine if not self.config.queues or queue in self.config.queues]
+
+    def drain_queue(self, queue: str, lease: QueueLease) -> int:
+        """Replay ``queue`` oldest row first while holding its ``lease``; rows moved (delivered or dead).
 
         While Redis runs the script for one batch, the replayer removes the
         previous batch from the outbox and reads the next one.
         """
-        left = self.outbox.pending_count(queue)
+        left = self.outbox.pending_count(queue, self.target)
         if not left:
             return 0
         log.info("draining queue %s: %d left", queue, left)
         started, moved, size = time.monotonic(), 0, self.config.batch_size
         confirmed: list[int] = []  # in Redis, not yet removed from the outbox
-        rows = self.outbox.fetch_pending(queue, size)
+        rows = self.outbox.fetch_pending(self.target, queue, size)
         try:
             while rows and not self.stopping.is_set():
                 self.heartbeat.beat()
-                if not self._take_lease(renew_only=True):
-                    log.warning("lost the replay lease; stopping the drain of %s", queue)
+                if not lease.hold():
+                    log.warning("lost the lease of queue %s to another replayer; leaving it", queue)
                     break
                 good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
                 push = self._start(queue, good) if good else None
                 try:
                     self._confirm(confirmed)
-                    upcoming = self.outbox.fetch_pending(queue, size, exclude=[row.id for row in rows])
+                    upcoming = self.outbox.fetch_pending(self.target, queue, size, exclude=[row.id for row in rows])
                 except BaseException:
                     if push is not None:
                         push.abandon()  # its outcome stays unknown: the markers settle it next pass
@@ -173,14 +221,14 @@ class Replayer:
                         if not self._failed(good[len(codes)], error):
                             break  # the queue waits for this row: order first
                         moved += 1
-                        rows = self.outbox.fetch_pending(queue, size)
+                        rows = self.outbox.fetch_pending(self.target, queue, size)
                         continue
                 if len(good) < len(rows):
                     bad = rows[len(good)]
                     self._confirm(confirmed)
                     self._kill(bad, str(self._unreplayable(bad)))
                     moved += 1
-                    upcoming = self.outbox.fetch_pending(queue, size)  # the rows after it, excluded above
+                    upcoming = self.outbox.fetch_pending(self.target, queue, size)  # the rows after it, excluded above
                 rows = upcoming
         finally:
             self._confirm(confirmed)
@@ -278,22 +326,17 @@ class Replayer:
             if purged:
                 log.info("purged %d replayed rows older than %.0f s", purged, self.config.retention)
 
-    def _take_lease(self, renew_only: bool = False) -> bool:
-        held = self.lease.hold() if renew_only else self.lease.acquire()
-        metrics.LEASE_HELD.set(1 if held else 0)
-        return held
-
     def ready(self) -> bool:
-        """Holds the lease or could take it, and the outbox answers (for /readyz)."""
-        current = self.lease.current()
-        return current is None or current.holder == self.holder
+        """The outbox answers with the schema this replayer needs (for /readyz)."""
+        self.outbox.check_schema()
+        return True
 
-    def _release(self) -> None:
-        metrics.LEASE_HELD.set(0)
+    def _release(self, lease: QueueLease) -> None:
+        metrics.LEASE_HELD.dec()
         try:
-            self.lease.release()
+            lease.release()
         except Exception as exc:  # the lease expires by itself; say why it was not released
-            log.warning("could not release the replay lease: %r", exc)
+            log.warning("could not release the lease of queue %s: %r", lease.queue, exc)
 
 
 def _one_line(exc: BaseException) -> str:

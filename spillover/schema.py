@@ -2,9 +2,10 @@
 
 ``spillover_outbox`` holds one row per spilled job: the job hash exactly as RQ
 would have written it, plus what RQ keeps outside the hash (``at_front``, the
-schedule). Rows are replayed per queue in ``id`` order and tracked per row
-(``state``), never by a high-water mark, so rows committed out of order by
-concurrent producers are not skipped.
+schedule), and the Redis it is meant for (``target``). Rows are replayed per
+target and queue in ``id`` order and tracked per row (``state``), never by a
+high-water mark, so rows committed out of order by concurrent producers are not
+skipped. ``spillover_queue_lease`` says which replayer drains which queue.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ outbox = Table(
     "spillover_outbox",
     metadata,
     Column("id", _row_id, primary_key=True, autoincrement=True),
+    # The Redis the job is meant for (see redis_side.target_of); a replayer drains only its own.
+    Column("target", String(255), nullable=False),
     Column("queue", String(255), nullable=False),
     Column("job_id", String(255), nullable=False),
     # The RQ job hash as netstrings: field, value, field, value ... (see stored_job.py).
@@ -57,19 +60,20 @@ outbox = Table(
     Column("last_error", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    Index("ix_spillover_outbox_queue_state_id", "queue", "state", "id"),
+    Index("ix_spillover_outbox_target_queue_state_id", "target", "queue", "state", "id"),
     Index("ix_spillover_outbox_state_updated", "state", "updated_at"),
     # Never reuse the id of a deleted row: ids must keep growing, as replay order and
     # a producer's "are my rows replayed" check rely on them.
     sqlite_autoincrement=True,
 )
 
-# One row per lease: who may drain the outbox now, and until when (Unix seconds,
-# by the database's clock so that replayers on several hosts agree).
-lease = Table(
-    "spillover_lease",
+# One row per queue being drained: which replayer drains it now, and until when (Unix
+# seconds, by the database's clock so that replayers on several hosts agree).
+queue_lease = Table(
+    "spillover_queue_lease",
     metadata,
-    Column("name", String(64), primary_key=True),
+    Column("target", String(255), primary_key=True),
+    Column("queue", String(255), primary_key=True),
     Column("holder", String(128), nullable=False),
     Column("expires_at", Float, nullable=False),
 )

@@ -50,6 +50,11 @@ def redis_url() -> str:
     return env_str("SPILLOVER_REDIS_URL", DEFAULT_REDIS_URL)
 
 
+def target() -> str | None:
+    """The name a deployment gives its Redis (SPILLOVER_TARGET); None: derive it from the connection."""
+    return os.environ.get("SPILLOVER_TARGET") or None
+
+
 def redis_timeout() -> float:
     return env_float("SPILLOVER_REDIS_TIMEOUT", DEFAULT_REDIS_TIMEOUT)
 

@@ -32,6 +32,7 @@ def encode_value(value: Any) -> bytes:
 class SpilledJob:
     """One outbox row to write: a job that could not (or must not yet) go to Redis."""
 
+    target: str  # the Redis it is meant for (redis_side.target_of)
     queue: str
     job_id: str
     job_hash: bytes

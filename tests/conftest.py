@@ -18,6 +18,17 @@ from spillover import migrate
 
 
 @pytest.fixture(autouse=True)
+def one_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every producer and replayer of a test, subprocesses included, names its Redis "tests".
+
+    Tests spill through dead ports and fault proxies and replay into the real server,
+    addresses that differ although they stand for one Redis. tests/test_targets.py
+    removes the variable to test targets derived from connections.
+    """
+    monkeypatch.setenv("SPILLOVER_TARGET", "tests")
+
+
+@pytest.fixture(autouse=True)
 def fresh_process_state() -> Iterator[None]:
     """Each test starts with no remembered Redis health or spill state.
 

@@ -68,7 +68,10 @@ def replay_once(database_url: str, redis_url: str, *extra: str, check: bool = Tr
         "WARNING",
         *extra,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, env=env_with_tests(), timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env_with_tests(), timeout=120)
+    if check:
+        assert done.returncode == 0, f"spillover-replay --once exited {done.returncode}: {done.stderr[-3000:]}"
+    return done
 
 
 def run_worker(redis_url: str, *queues: str) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, inspect, text
 from spillover import migrate
 from spillover.schema import VERSION_TABLE, metadata
 
-OURS = {"spillover_outbox", "spillover_lease", VERSION_TABLE}
+OURS = {"spillover_outbox", "spillover_queue_lease", VERSION_TABLE}
 
 
 def tables(url: str) -> set[str]:
@@ -65,7 +65,7 @@ def test_alembic_cli_from_repo_root_leaves_the_apps_version_table_alone(tmp_path
     assert tables(url) >= OURS
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "app_rev_42"
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0001"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002"
     engine.dispose()
 
 

@@ -191,7 +191,9 @@ def test_status_reports_queues_redis_and_lease(redis_server, sqlite_url):
     report = json.loads(out.stdout)
     assert report["queues"][0]["queue"] == "s1" and report["queues"][0]["pending"] == 4
     assert report["queues"][0]["oldest_age_s"] >= 0
-    assert report["lease"] is None
+    assert report["queues"][0]["target"] == report["target"] == "tests"
+    assert report["queues"][0]["drainer"] is None, "nobody drains it"
+    assert report["targets"] == [{"target": "tests", "pending": 4, "dead": 0, "this": True}]
     assert "secret" not in out.stdout and "***" in report["redis"]["url"]
 
 
@@ -219,7 +221,9 @@ def test_ambiguous_row_older_than_the_marker_ttl_is_not_replayed_blindly(redis_s
     job = queue.create_job(jobs.noop, job_id="maybe-delivered")
     queue._prepare_offline(job)
     stored = queue._spilled(job, ambiguous=True)
-    outbox_.append([stored, SpilledJob("amb-old", "fine", stored.job_hash.replace(b"maybe-delivered", b"fine"))])
+    outbox_.append(
+        [stored, SpilledJob("tests", "amb-old", "fine", stored.job_hash.replace(b"maybe-delivered", b"fine"))]
+    )
     time.sleep(1.1)
     config = ReplayConfig(marker_ttl=1, queues=["amb-old"])
     stats = Replayer(outbox_, client_from_url(redis_server.url, 5.0), config).run_once()

@@ -22,7 +22,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from spillover import Outbox, Queue, migrate
 from spillover.faultproxy import FaultProxy
-from spillover.lease import Lease
 from spillover.redis_side import bounded_client
 from spillover.replayer import ReplayConfig, Replayer
 
@@ -57,7 +56,7 @@ class SpilloverModel(RuleBasedStateMachine):
 
     def replayer(self, outbox: Outbox) -> Replayer:
         replayer = Replayer(outbox, bounded_client(self.redis, 2.0), ReplayConfig(batch_size=3, queues=[QUEUE]))
-        replayer.lease = Lease(outbox.engine, "model-replayer", 30)  # a restarted replayer is the same holder
+        replayer.holder = "model-replayer"  # a restarted replayer is the same holder
         return replayer
 
     @rule(count=st.integers(1, 4), many=st.booleans())

@@ -14,7 +14,7 @@ from helpers import replay_once, wait_for
 from servers import free_port
 
 from spillover import Outbox, Queue
-from spillover.lease import REPLAY_LEASE, Lease
+from spillover.lease import live_leases
 
 
 def spill_backlog(url: str, producers: dict[str, int]) -> None:
@@ -52,10 +52,9 @@ def test_three_replayers_lease_holder_killed_standby_finishes_in_order(redis_ser
     spill_backlog(outbox_url, producers)
     client = redis_server.client()
     replayers = [start_replayer(outbox_url, redis_server.url, "--batch-size", "100") for _ in range(3)]
-    lease = Lease(Outbox(outbox_url, max_backlog=0).engine, "test", 0, REPLAY_LEASE)
+    engine = Outbox(outbox_url, max_backlog=0).engine
     wait_for(lambda: client.llen(f"rq:queue:{QUEUE}") > 1000, timeout=30, interval=0.005)
-    holder = lease.current()
-    assert holder is not None
+    [holder] = live_leases(engine)
     holder_pid = int(holder.holder.split(":")[1])
     victim = next(p for p in replayers if p.pid == holder_pid)
     os.kill(holder_pid, signal.SIGKILL)
