@@ -10,7 +10,7 @@ import pytest
 import redis
 import rq
 from forms import FORMS, depends_on_unfinished
-from helpers import replay_once, run_worker, snapshot
+from helpers import replay_once, run_worker, snapshot, wait_for
 from servers import free_port
 
 from spillover import BacklogFull, Outbox, OutboxNotMigrated, OutboxUnavailable, Queue, was_spilled
@@ -87,7 +87,7 @@ def test_order_is_kept_across_the_switch_over(redis_server, sqlite_url):
     for i in range(20, 40):
         assert was_spilled(q.enqueue(jobs.noop, job_id=f"j{i:03d}"))
     proxy.set_mode("pass")
-    time.sleep(0.6)  # the prober has seen Redis up; the backlog is not replayed yet
+    wait_for(lambda: q.health.is_up, timeout=10)  # the prober has seen Redis up; the backlog is not replayed yet
     for i in range(40, 60):
         assert was_spilled(q.enqueue(jobs.noop, job_id=f"j{i:03d}")), "must keep spilling until drained"
     replay_once(sqlite_url, redis_server.url)

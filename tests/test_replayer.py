@@ -70,8 +70,9 @@ def test_killed_between_redis_write_and_outbox_commit_never_doubles(redis_server
     assert crashed.wait(60) == -signal.SIGKILL
     client = redis_server.client()
     # The first outbox commit comes after the second batch was sent: 300 or 600 jobs reach Redis.
-    # A batch sent just before the kill may still be in Redis's input: let it settle first.
-    time.sleep(0.3)
+    # A batch sent just before the kill may still be in Redis's input: Redis runs what it has
+    # read before it drops a closed connection, so wait until the killed replayer's are gone.
+    wait_for(lambda: len(client.client_list()) == 1, timeout=10)
     landed = queued(client, "crash")
     assert landed in (ids[:300], ids[:600]), "whole batches reached Redis"
     assert Outbox(outbox_url).pending_count() == 1000, "but no outbox commit did"
@@ -124,8 +125,9 @@ def test_sigterm_finishes_and_exits_zero_quickly(redis_server, sqlite_url):
 def test_replays_within_a_second_of_redis_coming_back(redis_server, sqlite_url):
     redis_server.kill()
     spill(sqlite_url, "back", 20)
-    proc = replayer(sqlite_url, redis_server.url, "--poll-interval", "0.2")
-    time.sleep(2)
+    port = free_port()
+    proc = replayer(sqlite_url, redis_server.url, "--poll-interval", "0.2", "--metrics-port", str(port))
+    wait_for(lambda: _redis_up_metric(port) == 0, timeout=30)  # running, and has seen Redis down
     redis_server.start()
     back_at = time.monotonic()
     wait_for(lambda: len(queued(redis_server.client(), "back")) == 20, timeout=10, interval=0.01)
@@ -231,6 +233,18 @@ def test_ambiguous_row_older_than_the_marker_ttl_is_not_replayed_blindly(redis_s
     dead = outbox_.dead_rows()
     assert [row["job_id"] for row in dead] == ["maybe-delivered"] and "marker" in dead[0]["last_error"]
     assert queued(redis_server.client(), "amb-old") == ["fine"]
+
+
+def _redis_up_metric(port: int) -> float | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found = [line for line in text.splitlines() if line.startswith("spillover_redis_up ")]
+    return float(found[0].split()[1]) if found else None
 
 
 def _healthy(port: int) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
 
-from helpers import replay_once, run_worker
+from helpers import replay_once, run_worker, wait_for
 from werkzeug.serving import make_server
 
 from examples.flask_app.app import create_app
@@ -49,9 +49,9 @@ def test_redis_killed_under_live_requests(make_redis, sqlite_url):
     clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for thread in clients:
         thread.start()
-    time.sleep(0.3)
+    wait_for(lambda: len(accepted) >= 20, timeout=30)  # requests went straight into Redis
     redis_server.kill()
-    time.sleep(0.5)
+    wait_for(lambda: sum(spilled) >= 20, timeout=30)  # and now into the outbox
     redis_server.start()
     for thread in clients:
         thread.join(60)

@@ -18,16 +18,63 @@ FAULTS = Path(__file__).parent
 QUEUE = "faults"
 
 
-def start_producer(url: str, port: int, name: str, count: int, pace: float = 0.0) -> subprocess.Popen[str]:
+def start_producer(
+    url: str, port: int, name: str, count: int, pace: float = 0.0, progress: Path | None = None
+) -> subprocess.Popen[str]:
     env = env_with_tests()
     env["PYTHONPATH"] = f"{FAULTS}:{env['PYTHONPATH']}"
+    args = [url, str(port), name, str(count), str(pace), str(progress or "")]
     return subprocess.Popen(
-        [sys.executable, str(FAULTS / "producer.py"), url, str(port), name, str(count), str(pace)],
+        [sys.executable, str(FAULTS / "producer.py"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
+
+
+class Producers:
+    """Producer processes that say how far they are, so faults follow what they have done, not the clock."""
+
+    def __init__(self, workdir: Path, outbox_url: str, port: int, names: list[str], pace: float) -> None:
+        self.files = {name: workdir / f"{name}.progress" for name in names}
+        self.procs = [
+            start_producer(outbox_url, port, name, 1_000_000, pace, progress) for name, progress in self.files.items()
+        ]
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """Per producer: (jobs enqueued, of which spilled) so far."""
+        seen = {}
+        for name, path in self.files.items():
+            try:
+                enqueued, spilled = (int(n) for n in path.read_text().split())
+            except (OSError, ValueError):  # not started yet, or caught mid-write
+                enqueued, spilled = 0, 0
+            seen[name] = (enqueued, spilled)
+        return seen
+
+    def wait(self, *, enqueued: int = 0, spilled: int = 0, direct: int = 0, timeout: float = 120) -> None:
+        """Until each producer has enqueued ``enqueued`` more jobs, ``spilled`` more spilled, ``direct`` more direct."""
+        start = self.progress()
+
+        def done() -> bool:
+            now = self.progress()
+            for name, (was_enqueued, was_spilled) in start.items():
+                more, more_spilled = now[name][0] - was_enqueued, now[name][1] - was_spilled
+                if more < enqueued or more_spilled < spilled or more - more_spilled < direct:
+                    for proc in self.procs:
+                        assert proc.poll() is None, f"a producer ended early: {proc.communicate()[1][-3000:]}"
+                    return False
+            return True
+
+        wait_for(done, timeout=timeout, interval=0.01)
+
+    def finish(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """Stop them; the jobs each one enqueued, and their reports."""
+        for path in self.files.values():
+            path.with_name(path.name + ".stop").touch()
+        reports = finish_producers(self.procs)
+        return {name: report["enqueued"] for name, report in zip(self.files, reports, strict=True)}, reports
 
 
 def finish_producers(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[dict[str, Any]]:

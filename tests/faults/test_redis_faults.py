@@ -8,6 +8,7 @@ import jobs
 import redis
 from checks import (
     QUEUE,
+    Producers,
     assert_exactly_once_in_order,
     finish_producers,
     start_producer,
@@ -23,21 +24,20 @@ from spillover import Queue, was_spilled
 from spillover.faultproxy import FaultProxy
 
 
-def test_redis_sigkilled_twice_while_four_producers_enqueue(make_redis, outbox_url):
+def test_redis_sigkilled_twice_while_four_producers_enqueue(make_redis, outbox_url, tmp_path):
     server = make_redis(aof=True)
     replayer = start_replayer(outbox_url, server.url)
-    producers = {f"p{n}": 400 for n in range(4)}
-    procs = [start_producer(outbox_url, server.port, name, count, pace=0.003) for name, count in producers.items()]
+    producers = Producers(tmp_path, outbox_url, server.port, [f"p{n}" for n in range(4)], pace=0.003)
     for _ in range(2):
-        time.sleep(0.4)
+        producers.wait(direct=30)  # each has enqueued straight into Redis (again, after a restart)
         server.kill()
-        time.sleep(0.4)
+        producers.wait(spilled=20)  # each has spilled during this outage
         server.start()
-    reports = finish_producers(procs)
-    assert sum(r["spilled"] for r in reports) > 0, "the outage must have made producers spill"
-    wait_drained(outbox_url, server.client(), 1600)
+    producers.wait(direct=30)
+    enqueued, _ = producers.finish()
+    wait_drained(outbox_url, server.client(), sum(enqueued.values()))
     stop(replayer)
-    assert_exactly_once_in_order(server.client(), outbox_url, producers)
+    assert_exactly_once_in_order(server.client(), outbox_url, enqueued)
 
 
 def test_redis_sigkilled_mid_replay(make_redis, outbox_url):
@@ -64,7 +64,6 @@ def test_replies_lost_during_replay_are_not_pushed_twice(redis_server, sqlite_ur
     replayer = start_replayer(sqlite_url, proxy.url, "--batch-size", "200", "--log-level", "INFO")
     client = redis_server.client()
     wait_for(lambda: client.llen(f"rq:queue:{QUEUE}") > 0, timeout=20)  # applied, the reply lost
-    time.sleep(1.5)
     proxy.set_mode("pass")
     wait_drained(sqlite_url, client, 1000)
     err = stop(replayer)
@@ -73,19 +72,23 @@ def test_replies_lost_during_replay_are_not_pushed_twice(redis_server, sqlite_ur
     proxy.close()
 
 
-def test_refused_and_stalled_redis_keep_producers_within_their_bound(redis_server, sqlite_url):
+def test_refused_and_stalled_redis_keep_producers_within_their_bound(redis_server, sqlite_url, tmp_path):
     proxy = FaultProxy("127.0.0.1", redis_server.port)
-    producers = {f"p{n}": 300 for n in range(4)}
-    procs = [start_producer(sqlite_url, proxy.port, name, count, pace=0.005) for name, count in producers.items()]
-    for mode in ("refuse", "pass", "stall", "pass"):
-        time.sleep(0.4)
+    replayer = start_replayer(sqlite_url, redis_server.url)
+    producers = Producers(tmp_path, sqlite_url, proxy.port, [f"p{n}" for n in range(4)], pace=0.005)
+    for mode in ("refuse", "stall"):
+        producers.wait(direct=30)  # Redis healthy (again): straight in
         proxy.set_mode(mode)
-    reports = finish_producers(procs)
+        producers.wait(spilled=30)
+        proxy.set_mode("pass")
+    producers.wait(direct=30)
+    enqueued, reports = producers.finish()
     for report in reports:
         assert report["max"] < 1.0, f"an enqueue took {report['max']:.2f} s"
         assert report["p99"] < 0.05
-    replay_once(sqlite_url, redis_server.url)
-    assert_exactly_once_in_order(redis_server.client(), sqlite_url, producers)
+    wait_drained(sqlite_url, redis_server.client(), sum(enqueued.values()))
+    stop(replayer)
+    assert_exactly_once_in_order(redis_server.client(), sqlite_url, enqueued)
     proxy.close()
 
 

@@ -52,15 +52,17 @@ def test_failover_is_a_short_spill(make_redis, sqlite_url, tmp_path):
         assert not any(spilled)
         primary.client().execute_command("WAIT", 1, 2000)  # the replica has them before the master dies
         primary.kill()
-        started = time.monotonic()
-        while time.monotonic() - started < 6:
+        new_master = replica.client()
+        deadline = time.monotonic() + 60
+        while not _promoted(sentinels, replica.port):  # enqueue all through the failover
+            assert time.monotonic() < deadline, "sentinel did not promote the replica"
             enqueue()
             time.sleep(0.02)
-        new_master = replica.client()
-        assert new_master.info("replication")["role"] == "master", "sentinel promoted the replica"
+        assert new_master.info("replication")["role"] == "master"
         assert any(spilled[30:]), "enqueues during the failover spilled"
         replay_once(sqlite_url, url)
-        time.sleep(0.3)
+        wait_for(lambda: queue.health.is_up, timeout=10)  # the producer's prober has found the new master
+        time.sleep(0.11)  # past the producer's resume-check interval (it asks the outbox at most every 0.1 s)
         for _ in range(10):
             enqueue()
         assert not any(spilled[-10:]), "after the replay, producers write to the new master directly"
@@ -76,3 +78,12 @@ def _replicas_known(sentinels: redis.Redis) -> bool:
         return bool(sentinels.execute_command("SENTINEL", "REPLICAS", "mymaster"))
     except redis.RedisError:
         return False
+
+
+def _promoted(sentinels: redis.Redis, port: int) -> bool:
+    """Sentinel names the replica as the master (the replica's own role changes a moment earlier)."""
+    try:
+        address = sentinels.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+    except redis.RedisError:
+        return False
+    return bool(address) and int(address[1]) == port
