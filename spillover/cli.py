@@ -110,14 +110,14 @@ def target_option(f: Any) -> Any:
     )(f)
 
 
-def log_level_option(f: Any) -> Any:
+def log_level_option(default: str) -> Callable[[F], F]:
     return env_option(
         "--log-level",
-        default="INFO",
+        default=default,
         env="SPILLOVER_LOG_LEVEL",
         type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
         help="DEBUG also prints the traceback of an error.",
-    )(f)
+    )
 
 
 def database_option(f: Any) -> Any:
@@ -232,7 +232,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     default="text",
     env="SPILLOVER_LOG_FORMAT",
 )
-@log_level_option
+@log_level_option("INFO")
 def replay_main(
     redis_url: str,
     database_url: str,
@@ -280,7 +280,7 @@ def replay_main(
 
 
 @click.group(cls=Group, context_settings=_ctx)
-@log_level_option
+@log_level_option("WARNING")
 def main(log_level: str) -> None:
     """Administer the spillover outbox."""
     _setup_logging(log_level)

@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 
+import jobs
+import redis
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from helpers import ROOT
+from helpers import ROOT, replay_once
+from servers import free_port
 from sqlalchemy import create_engine, inspect, text
 
-from spillover import migrate
+from spillover import Outbox, Queue, migrate
 from spillover.schema import VERSION_TABLE, metadata
 
 OURS = {"spillover_outbox", "spillover_queue_lease", VERSION_TABLE}
@@ -79,3 +82,33 @@ def test_spillover_db_upgrade_command(tmp_path):
     )
     assert "head" in out.stdout
     assert tables(url) >= OURS
+
+
+def test_upgrade_of_a_populated_outbox_gives_rows_the_default_replayers_target(redis_server, outbox_url, monkeypatch):
+    """An upgrade in the middle of an outage loses nothing: a replayer with default settings drains the rows."""
+    monkeypatch.delenv("SPILLOVER_TARGET")
+    queue = Queue("upgraded", connection=redis.Redis(port=free_port()), outbox=outbox_url)
+    ids = [f"u{i:03d}" for i in range(20)]
+    queue.enqueue_many([queue.prepare_data(jobs.noop, job_id=job_id) for job_id in ids])
+    queue.outbox.engine.dispose()
+    migrate.downgrade(outbox_url, "0001")  # the outbox as the previous release left it, with rows
+    with create_engine(outbox_url).begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM spillover_outbox")).scalar_one() == 20
+        before = conn.execute(text("SELECT max(id) FROM spillover_outbox")).scalar_one()
+        conn.execute(text("DELETE FROM spillover_outbox WHERE job_id = 'u019'"))  # the highest id, gone
+    ids.remove("u019")
+
+    monkeypatch.setenv("SPILLOVER_REDIS_URL", redis_server.url)  # where the deploy's replayer points
+    migrate.upgrade(outbox_url)
+    _assert_models_match(outbox_url)
+    outbox = Outbox(outbox_url)
+    assert outbox.pending_by_target() == {f"127.0.0.1:{redis_server.port}/0": {"upgraded": 19}}
+    replay_once(outbox_url, redis_server.url)  # default settings: the target derived from --redis-url
+    assert [x.decode() for x in redis_server.client().lrange("rq:queue:upgraded", 0, -1)] == ids
+    later = Queue("upgraded", connection=redis.Redis(port=free_port()), outbox=outbox_url)
+    later.enqueue(jobs.noop)
+    with create_engine(outbox_url).begin() as conn:
+        assert conn.execute(text("SELECT max(id) FROM spillover_outbox")).scalar_one() > before, "ids are not reused"
+    migrate.downgrade(outbox_url, "0001")  # and back, keeping the pending row
+    with create_engine(outbox_url).begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM spillover_outbox")).scalar_one() == 1
