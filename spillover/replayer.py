@@ -34,6 +34,10 @@ from .redis_side import PendingPush, ReplayScript, is_outage, probe_write, resol
 
 log = logging.getLogger("spillover.replay")
 
+#: Longest wait between write-probes while Redis is down: the drain starts this soon after it is back.
+#: A probe of a server that refuses is a fraction of a millisecond, so probing often costs nothing.
+REDIS_PROBE_CAP = 0.1
+
 _TRANSIENT_SCRIPT_ERRORS = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY")
 
 
@@ -90,7 +94,7 @@ class Replayer:
             try:
                 if not self._redis_healthy():
                     self.stopping.wait(redis_wait)
-                    redis_wait = min(redis_wait * 2, 0.5)
+                    redis_wait = min(redis_wait * 2, REDIS_PROBE_CAP)
                     continue
                 redis_wait = 0.05
                 moved = self.drain()

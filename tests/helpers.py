@@ -91,3 +91,25 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """Status and body of a GET to a replayer's metrics port; (0, ...) while nothing listens."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, "not listening"
+
+
+def redis_up_metric(port: int) -> float | None:
+    """A running replayer's spillover_redis_up (None until it serves metrics)."""
+    for line in http_get(port, "/metrics")[1].splitlines():
+        if line.startswith("spillover_redis_up "):
+            return float(line.split()[1])
+    return None

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import jobs
 import redis
+from helpers import http_get as get
 from helpers import wait_for
 from prometheus_client import REGISTRY
 from servers import free_port
 from test_replayer import replayer, spill
 
 from spillover import Outbox, Queue
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except urllib.error.URLError:
-        return 0, "not listening"
 
 
 def metric(text: str, name: str) -> float | None:

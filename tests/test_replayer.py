@@ -11,7 +11,7 @@ import time
 
 import jobs
 import redis
-from helpers import env_with_tests, replay_once, wait_for
+from helpers import env_with_tests, http_get, redis_up_metric, replay_once, wait_for
 from servers import free_port
 
 from spillover import Outbox, Queue
@@ -104,7 +104,7 @@ def test_three_replayers_at_once_deliver_each_job_once_in_order(redis_server, ou
     outbox_ = Outbox(outbox_url)
     wait_for(lambda: outbox_.pending_count() == 0, timeout=60)
     for port in ports:  # all three are up and running, not just the one that drained
-        wait_for(lambda p=port: _healthy(p), timeout=20)
+        wait_for(lambda p=port: http_get(p, "/healthz")[0] == 200, timeout=20)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:
@@ -127,7 +127,7 @@ def test_replays_within_a_second_of_redis_coming_back(redis_server, sqlite_url):
     spill(sqlite_url, "back", 20)
     port = free_port()
     proc = replayer(sqlite_url, redis_server.url, "--poll-interval", "0.2", "--metrics-port", str(port))
-    wait_for(lambda: _redis_up_metric(port) == 0, timeout=30)  # running, and has seen Redis down
+    wait_for(lambda: redis_up_metric(port) == 0, timeout=30)  # running, and has seen Redis down
     redis_server.start()
     back_at = time.monotonic()
     wait_for(lambda: len(queued(redis_server.client(), "back")) == 20, timeout=10, interval=0.01)
@@ -233,25 +233,3 @@ def test_ambiguous_row_older_than_the_marker_ttl_is_not_replayed_blindly(redis_s
     dead = outbox_.dead_rows()
     assert [row["job_id"] for row in dead] == ["maybe-delivered"] and "marker" in dead[0]["last_error"]
     assert queued(redis_server.client(), "amb-old") == ["fine"]
-
-
-def _redis_up_metric(port: int) -> float | None:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    found = [line for line in text.splitlines() if line.startswith("spillover_redis_up ")]
-    return float(found[0].split()[1]) if found else None
-
-
-def _healthy(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False

@@ -10,7 +10,7 @@ from pathlib import Path
 import jobs
 import redis
 from checks import start_replayer, stop, wait_for
-from helpers import TESTS, env_with_tests
+from helpers import TESTS, env_with_tests, redis_up_metric
 from servers import free_port
 
 from spillover import Outbox, Queue
@@ -86,16 +86,18 @@ def test_replayers_with_disjoint_queue_sets_both_drain(redis_server, outbox_url)
 
 
 def test_three_replayers_drain_six_queues_in_parallel(redis_server, outbox_url):
-    client = redis_server.client()
+    redis_server.kill()  # Redis comes back with a backlog in six queues and three replayers waiting
+    made = spill_queues(outbox_url, [f"q{n}" for n in range(6)], 1500)
     ports = [free_port() for _ in range(3)]
     replayers = [
         start_replayer(outbox_url, redis_server.url, "--batch-size", "50", "--metrics-port", str(port))
         for port in ports
     ]
-    for port in ports:  # all three running and waiting before the backlog appears
-        wait_for(lambda p=port: _healthy(p), timeout=30)
+    for port in ports:  # all three running, and they have seen Redis down
+        wait_for(lambda p=port: redis_up_metric(p) == 0, timeout=30)
     watcher = LeaseWatcher(outbox_url)
-    made = spill_queues(outbox_url, [f"q{n}" for n in range(6)], 1500)
+    redis_server.start()
+    client = redis_server.client()
     wait_for(lambda: drained(outbox_url, client, made), timeout=120, interval=0.05)
     watcher.stop()
     for proc in replayers:
@@ -149,13 +151,3 @@ def start_stalling_replayer(url: str, redis_url: str):
 
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def _healthy(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False

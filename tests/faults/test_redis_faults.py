@@ -94,7 +94,7 @@ def test_refused_and_stalled_redis_keep_producers_within_their_bound(redis_serve
 
 def test_loading_redis_spills_then_replays(make_redis, sqlite_url):
     server = make_redis("--dbfilename", "dump.rdb", "--enable-debug-command", "yes")
-    client = server.client()
+    client = server.client(socket_timeout=300)  # filling and saving 3M keys is slow on a busy machine
     client.execute_command("DEBUG", "POPULATE", 3_000_000, "filler", 64)
     client.save()
     server.kill()

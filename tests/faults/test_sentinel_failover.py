@@ -20,8 +20,9 @@ def start_sentinel(tmp_path: Path, master_port: int) -> tuple[subprocess.Popen[b
     config.write_text(
         f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
         f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
-        "sentinel down-after-milliseconds mymaster 400\n"
-        "sentinel failover-timeout mymaster 2000\n"
+        # Not much shorter: on a busy machine Sentinel then marks a healthy master down for a moment.
+        "sentinel down-after-milliseconds mymaster 1500\n"
+        "sentinel failover-timeout mymaster 5000\n"
     )
     proc = subprocess.Popen(
         ["redis-server", str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -81,9 +82,16 @@ def _replicas_known(sentinels: redis.Redis) -> bool:
 
 
 def _promoted(sentinels: redis.Redis, port: int) -> bool:
-    """Sentinel names the replica as the master (the replica's own role changes a moment earlier)."""
+    """Sentinel hands out the replica as a usable master, as redis-py's discovery checks it.
+
+    The replica's own role changes first, then Sentinel's address, then its flags: only
+    then does a Sentinel client (the replayer's) find the new master.
+    """
+    from redis.sentinel import Sentinel
+
+    kwargs = sentinels.connection_pool.connection_kwargs
     try:
-        address = sentinels.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+        _, found = Sentinel([(kwargs["host"], kwargs["port"])], socket_timeout=1).discover_master("mymaster")
     except redis.RedisError:
         return False
-    return bool(address) and int(address[1]) == port
+    return int(found) == port
