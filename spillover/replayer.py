@@ -71,8 +71,7 @@ class Replayer:
         self.config = config or ReplayConfig()
         self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.target = resolve_target(self.config.target, client)
-        self._leases: dict[str, QueueLease] = {}
-        self._busy: dict[str, str] = {}  # queues another replayer drained at our last look: queue -> holder
+        self._busy: list[str] = []  # queues another replayer was draining at our last pass
         self._foreign_reported: set[str] = set()  # other targets whose rows we have logged once
         self.script = ReplayScript(client, self.config.marker_ttl)
         self.stats = ReplayStats()
@@ -127,8 +126,11 @@ class Replayer:
                     break
                 elif not moved:  # only queues another replayer drains are left: wait for it
                     if time.monotonic() > deadline:
-                        busy = ", ".join(f"{queue} by {holder}" for queue, holder in sorted(self._busy.items()))
-                        raise ReplayError(f"queues still being drained by another replayer: {busy}")
+                        holders = {
+                            (lease.target, lease.queue): lease.holder for lease in live_leases(self.outbox.engine)
+                        }
+                        busy = [f"{queue} by {holders.get((self.target, queue), '?')}" for queue in sorted(self._busy)]
+                        raise ReplayError(f"queues still being drained by another replayer: {', '.join(busy)}")
                     time.sleep(0.2)
         except RedisUnavailable as exc:
             raise ReplayError(f"redis became unavailable during replay: {exc}") from exc
@@ -144,30 +146,22 @@ class Replayer:
         started together spread over the queues instead of queueing for the same one.
         """
         self._retry_pending = False
-        self._busy = {}
+        self._busy = []
         queues = self._queues_with_rows()
         random.shuffle(queues)
         moved = 0
         for queue in queues:
             if self.stopping.is_set():
                 break
-            lease = self._leases.get(queue) or QueueLease(
-                self.outbox.engine, self.holder, self.config.lease_ttl, self.target, queue
-            )
-            self._leases[queue] = lease
+            lease = QueueLease(self.outbox.engine, self.holder, self.config.lease_ttl, self.target, queue)
             if not lease.acquire():
-                self._busy[queue] = "another replayer"
+                self._busy.append(queue)
                 continue
             metrics.LEASE_HELD.inc()
             try:
                 moved += self.drain_queue(queue, lease)
             finally:
                 self._release(lease)
-        if self._busy:
-            holders = {
-                info.queue: info.holder for info in live_leases(self.outbox.engine) if info.target == self.target
-            }
-            self._busy = {queue: holders.get(queue, "another replayer") for queue in self._busy}
         return moved
 
     def _queues_with_rows(self) -> list[str]:

@@ -10,11 +10,12 @@ import sys
 import time
 
 import jobs
+import pytest
 import redis
 from helpers import env_with_tests, http_get, redis_up_metric, replay_once, wait_for
 from servers import free_port
 
-from spillover import Outbox, Queue
+from spillover import Outbox, Queue, ReplayError
 from spillover.schema import DONE, outbox
 
 
@@ -233,3 +234,19 @@ def test_ambiguous_row_older_than_the_marker_ttl_is_not_replayed_blindly(redis_s
     dead = outbox_.dead_rows()
     assert [row["job_id"] for row in dead] == ["maybe-delivered"] and "marker" in dead[0]["last_error"]
     assert queued(redis_server.client(), "amb-old") == ["fine"]
+
+
+def test_once_waits_for_a_queue_another_replayer_drains_then_names_it(redis_server, sqlite_url):
+    from spillover.lease import QueueLease
+    from spillover.redis_side import client_from_url
+    from spillover.replayer import Replayer
+
+    spill(sqlite_url, "busy", 3)
+    spill(sqlite_url, "free", 2)
+    outbox_ = Outbox(sqlite_url)
+    assert QueueLease(outbox_.engine, "other-host:1:x", 30, "tests", "busy").acquire()
+    replay = Replayer(outbox_, client_from_url(redis_server.url, 5.0))
+    with pytest.raises(ReplayError, match="busy by other-host:1:x"):
+        replay.run_once(lease_wait=0.5)
+    assert queued(redis_server.client(), "free") == ["j00000", "j00001"], "the free queue was drained meanwhile"
+    assert outbox_.pending_count("busy") == 3
