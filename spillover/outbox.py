@@ -292,20 +292,11 @@ class Outbox:
         with self._transaction(read_only=True) as conn:
             return int(conn.scalar(query) or 0)
 
-    def has_pending(self, target: str, queue: str, up_to_id: int) -> bool:
-        """Whether any row of ``target``'s ``queue`` with id <= ``up_to_id`` still waits for replay."""
-        query = (
-            select(outbox.c.id)
-            .where(
-                outbox.c.target == target,
-                outbox.c.queue == queue,
-                outbox.c.state == PENDING,
-                outbox.c.id <= up_to_id,
-            )
-            .limit(1)
-        )
-        with self._transaction(read_only=True) as conn:
-            return conn.scalar(query) is not None
+    def own_pending(self, target: str, queue: str, limit: int) -> list[OutboxRow]:
+        """This producer process's oldest ``limit`` pending rows of ``target``'s ``queue``, in order."""
+        sql = _OWN_SQL[self._is_sqlite]
+        params = (producer_id(), target, queue, limit)
+        return self._raw(lambda cursor: _fetch(cursor, sql, params), sql, write=False)
 
     # -- replayer side -------------------------------------------------------------
 
@@ -455,6 +446,12 @@ _FETCH_SQL = {
     "ORDER BY id LIMIT ?",
     False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox "
     "WHERE target = %s AND queue = %s AND state = 'pending' AND id <> ALL(%s) ORDER BY id LIMIT %s",
+}
+_OWN_SQL = {
+    True: f"SELECT {_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400.0 FROM spillover_outbox "
+    "WHERE producer = ? AND state = 'pending' AND target = ? AND queue = ? ORDER BY id LIMIT ?",
+    False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox "
+    "WHERE producer = %s AND state = 'pending' AND target = %s AND queue = %s ORDER BY id LIMIT %s",
 }
 _DELETE_SQL = {
     True: "DELETE FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?))",

@@ -3,12 +3,16 @@
 Healthy path: RQ's own enqueue code, run in one MULTI together with a delivery
 marker (one round trip; no database access). Unhealthy path: the job hash RQ
 would have written goes to the outbox instead, and the queue stays in "spill
-mode" until the replayer has moved this producer's rows into Redis, so one
-producer's jobs reach RQ in the order they were enqueued.
+mode" until this producer's rows are in Redis, so one producer's jobs reach RQ
+in the order they were enqueued. The replayer moves the bulk of them; the last
+few the producer pushes itself, through the replayer's own marker-guarded
+script, so a producer that keeps enqueueing is not left spilling behind a
+replayer that polls.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -30,12 +34,25 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import metrics, settings
 from .errors import OutboxUnavailable
 from .health import RedisHealth
-from .outbox import Outbox
-from .redis_side import bounded_client, is_ambiguous, is_outage, marker_key, resolve_target, server_key
+from .outbox import Outbox, OutboxRow
+from .redis_side import (
+    ReplayScript,
+    bounded_client,
+    is_ambiguous,
+    is_outage,
+    marker_key,
+    resolve_target,
+    server_key,
+)
 from .stored_job import SpilledJob, encode_hash, schedule_timestamp
+
+log = logging.getLogger("spillover.queue")
 
 #: While a queue is in spill mode, how often (s) to ask the outbox whether its rows are replayed.
 RESUME_CHECK_INTERVAL = 0.1
+#: At most this many of its own pending rows a producer pushes itself to leave spill mode;
+#: a longer backlog is the replayer's, and the producer keeps spilling behind it.
+RESUME_PUSH_LIMIT = 500
 
 OutboxLike = Outbox | Engine | str | None
 
@@ -133,6 +150,7 @@ class Queue(rq.Queue):
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
         self._server = _server_for(self.connection, timeout, settings.probe_interval())
         self._client = self._server.health.client
+        self._script = ReplayScript(self._client, self.marker_ttl)
         # Per database, not per Outbox object: two Outbox objects on one database share its rows.
         state_key = (self.outbox.engine.url, server_key(self.connection), self.target, name)
         with _lock:
@@ -280,19 +298,41 @@ class Queue(rq.Queue):
         return None
 
     def _may_resume(self, state: _SpillState) -> bool:
-        """Leave spill mode once Redis is up and none of this producer's rows is still pending."""
+        """Leave spill mode once Redis is up and none of this producer's rows is still pending.
+
+        The last few (up to RESUME_PUSH_LIMIT) it pushes itself with the replay script:
+        each push writes rows in id order and skips any job whose marker exists, so a
+        replayer pushing the same rows at the same time cannot double or reorder them.
+        """
         if not state.spilling:
             return self.health.is_up
         if not self.health.is_up or time.monotonic() - state.checked_at < RESUME_CHECK_INTERVAL:
             return False
         state.checked_at = time.monotonic()
         try:
-            drained = not self.outbox.has_pending(self.target, self.name, state.last_row_id)
+            mine = self.outbox.own_pending(self.target, self.name, RESUME_PUSH_LIMIT + 1)
+            too_old = any(row.ambiguous and row.age_seconds > self.marker_ttl for row in mine)
+            if len(mine) > RESUME_PUSH_LIMIT or too_old:
+                return False  # a backlog, or a row only the replayer may judge: it moves them
+            if mine and not self._push_own(mine):
+                return False
         except SQLAlchemyError:
             return False  # cannot tell: keep spilling, order first
-        if drained:
-            state.spilling = False
-        return drained
+        state.spilling = False
+        return True
+
+    def _push_own(self, rows: list[OutboxRow]) -> bool:
+        """Push this producer's remaining rows into RQ and remove them; False if any is left."""
+        try:
+            codes, error = self._script.start(self.name, rows).result()
+        except redis.RedisError as exc:
+            if is_outage(exc):
+                self.health.mark_down(exc)
+            else:
+                log.warning("pushing this producer's spilled rows failed, leaving them to the replayer: %r", exc)
+            return False
+        self.outbox.mark_delivered([row.id for row in rows[: len(codes)]], keep=False)
+        return error is None
 
     def _append(self, state: _SpillState, spilled: list[SpilledJob], redis_error: BaseException | None) -> None:
         try:

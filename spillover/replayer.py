@@ -72,6 +72,9 @@ class Replayer:
         self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.target = resolve_target(self.config.target, client)
         self._busy: list[str] = []  # queues another replayer was draining at our last pass
+        # Leases of queues this replayer drains, kept from pass to pass while the queue has rows:
+        # a queue that producers keep filling is drained without taking its lease again each time.
+        self._held: dict[str, QueueLease] = {}
         self._foreign_reported: set[str] = set()  # other targets whose rows we have logged once
         self.script = ReplayScript(client, self.config.marker_ttl)
         self.stats = ReplayStats()
@@ -88,28 +91,31 @@ class Replayer:
         """Drain until ``stopping`` is set; wait out Redis and outbox outages with capped backoff."""
         self.outbox.check_schema()  # an outbox that never worked is a configuration error: say so, exit
         redis_wait = outbox_wait = 0.05
-        while not self.stopping.is_set():
-            self.heartbeat.beat()
-            try:
-                if not self._redis_healthy():
-                    self.stopping.wait(redis_wait)
-                    redis_wait = min(redis_wait * 2, REDIS_PROBE_CAP)
+        try:
+            while not self.stopping.is_set():
+                self.heartbeat.beat()
+                try:
+                    if not self._redis_healthy():
+                        self.stopping.wait(redis_wait)
+                        redis_wait = min(redis_wait * 2, REDIS_PROBE_CAP)
+                        continue
+                    redis_wait = 0.05
+                    moved = self.drain()
+                    self._purge_retained()
+                    outbox_wait = 0.05
+                except RedisUnavailable:
                     continue
-                redis_wait = 0.05
-                moved = self.drain()
-                self._purge_retained()
-                outbox_wait = 0.05
-            except RedisUnavailable:
-                continue
-            except SQLAlchemyError as exc:
-                # The outbox database restarted or is unreachable: what is in Redis is
-                # marked, what is not is still pending there; try again shortly.
-                log.warning("outbox unavailable (%s); retrying in %.1f s", _one_line(exc), outbox_wait)
-                self.stopping.wait(outbox_wait)
-                outbox_wait = min(outbox_wait * 2, 5.0)
-                continue
-            if not moved:
-                self.stopping.wait(self.config.poll_interval)
+                except SQLAlchemyError as exc:
+                    # The outbox database restarted or is unreachable: what is in Redis is
+                    # marked, what is not is still pending there; try again shortly.
+                    log.warning("outbox unavailable (%s); retrying in %.1f s", _one_line(exc), outbox_wait)
+                    self.stopping.wait(outbox_wait)
+                    outbox_wait = min(outbox_wait * 2, 5.0)
+                    continue
+                if not moved:
+                    self.stopping.wait(self.config.poll_interval)
+        finally:
+            self.release_leases()
 
     def run_once(self, lease_wait: float | None = None) -> ReplayStats:
         """Drain everything pending and return; ReplayError if Redis or a queue's lease is not to be had."""
@@ -134,6 +140,8 @@ class Replayer:
                     time.sleep(0.2)
         except RedisUnavailable as exc:
             raise ReplayError(f"redis became unavailable during replay: {exc}") from exc
+        finally:
+            self.release_leases()
         self._purge_retained()
         return self.stats
 
@@ -144,25 +152,35 @@ class Replayer:
 
         Queues are taken in random order, each under its own lease, so replayers
         started together spread over the queues instead of queueing for the same one.
+        A lease is given back once its queue has no rows left.
         """
         self._retry_pending = False
         self._busy = []
         queues = self._queues_with_rows()
+        for idle in set(self._held) - set(queues):
+            self._release(self._held.pop(idle))
         random.shuffle(queues)
         moved = 0
         for queue in queues:
             if self.stopping.is_set():
                 break
-            lease = QueueLease(self.outbox.engine, self.holder, self.config.lease_ttl, self.target, queue)
-            if not lease.acquire():
-                self._busy.append(queue)
-                continue
-            metrics.LEASE_HELD.inc()
-            try:
-                moved += self.drain_queue(queue, lease)
-            finally:
-                self._release(lease)
+            lease = self._held.pop(queue, None)
+            if lease is None:
+                lease = QueueLease(self.outbox.engine, self.holder, self.config.lease_ttl, self.target, queue)
+                if not lease.acquire():
+                    self._busy.append(queue)
+                    continue
+            elif not lease.hold():
+                continue  # stalled past the TTL, and another replayer has taken the queue over
+            self._held[queue] = lease
+            metrics.LEASE_HELD.set(len(self._held))
+            moved += self.drain_queue(queue, lease)
         return moved
+
+    def release_leases(self) -> None:
+        """Give back every queue lease (on the way out; they would expire by themselves)."""
+        while self._held:
+            self._release(self._held.popitem()[1])
 
     def _queues_with_rows(self) -> list[str]:
         """This replayer's queues with pending rows; rows meant for other Redis servers are logged once."""
@@ -330,7 +348,7 @@ class Replayer:
         return True
 
     def _release(self, lease: QueueLease) -> None:
-        metrics.LEASE_HELD.dec()
+        metrics.LEASE_HELD.set(len(self._held))
         try:
             lease.release()
         except Exception as exc:  # the lease expires by itself; say why it was not released

@@ -62,6 +62,8 @@ outbox = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_spillover_outbox_target_queue_state_id", "target", "queue", "state", "id"),
     Index("ix_spillover_outbox_state_updated", "state", "updated_at"),
+    # A producer leaving spill mode looks up its own pending rows.
+    Index("ix_spillover_outbox_producer_state_id", "producer", "state", "id"),
     # Never reuse the id of a deleted row: ids must keep growing, as replay order and
     # a producer's "are my rows replayed" check rely on them.
     sqlite_autoincrement=True,

@@ -20,8 +20,12 @@ ROOT = TESTS.parent
 TIME_FIELDS = {"created_at", "enqueued_at", "last_heartbeat"}
 
 
-def snapshot(client: redis.Redis, keep_markers: bool = False) -> dict[str, Any]:
-    """Every key with its type and value, timestamps blanked, TTL as 'expires'/'persistent'."""
+def snapshot(client: redis.Redis, keep_markers: bool = False, relative_schedule: bool = False) -> dict[str, Any]:
+    """Every key with its type and value, timestamps blanked, TTL as 'expires'/'persistent'.
+
+    ``relative_schedule``: scheduled registries by member only, for jobs scheduled relative to
+    "now" (``enqueue_in``), whose scores two enqueues a moment apart cannot share.
+    """
     state: dict[str, Any] = {}
     for raw in sorted(client.keys("*")):
         key = raw.decode()
@@ -40,7 +44,8 @@ def snapshot(client: redis.Redis, keep_markers: bool = False) -> dict[str, Any]:
         elif kind == "zset":
             # deferred registry scores are "now": keep members only there
             pairs = client.zrange(raw, 0, -1, withscores=True)
-            value = [m for m, _ in pairs] if key.startswith("rq:deferred:") else pairs
+            by_member = key.startswith("rq:deferred:") or (relative_schedule and key.startswith("rq:scheduled:"))
+            value = [m for m, _ in pairs] if by_member else pairs
         else:
             value = client.get(raw)
         state[key] = (kind, value, "expires" if client.ttl(raw) > 0 else "persistent")

@@ -1,4 +1,4 @@
-"""Rows know their Redis (``target``); one replay lease per target and queue.
+"""Rows know their Redis (``target``); one replay lease per target and queue; producers find their rows.
 
 Existing rows get the target a replayer with default settings derives
 (``SPILLOVER_TARGET``, else ``SPILLOVER_REDIS_URL``, else redis://localhost:6379/0,
@@ -40,6 +40,7 @@ def upgrade() -> None:
         batch.alter_column("target", existing_type=sa.String(255), nullable=False)
         batch.drop_index("ix_spillover_outbox_queue_state_id")
         batch.create_index("ix_spillover_outbox_target_queue_state_id", ["target", "queue", "state", "id"])
+        batch.create_index("ix_spillover_outbox_producer_state_id", ["producer", "state", "id"])
     op.drop_table("spillover_lease")
     op.create_table(
         "spillover_queue_lease",
@@ -60,6 +61,7 @@ def downgrade() -> None:
     )
     with keep_sqlite_sequence(), op.batch_alter_table("spillover_outbox", **REBUILD) as batch:
         batch.drop_index("ix_spillover_outbox_target_queue_state_id")
+        batch.drop_index("ix_spillover_outbox_producer_state_id")
         batch.create_index("ix_spillover_outbox_queue_state_id", ["queue", "state", "id"])
         batch.drop_column("target")
 
