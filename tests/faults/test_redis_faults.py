@@ -85,7 +85,9 @@ def test_refused_and_stalled_redis_keep_producers_within_their_bound(redis_serve
     enqueued, reports = producers.finish()
     for report in reports:
         assert report["max"] < 1.0, f"an enqueue took {report['max']:.2f} s"
-        assert report["p99"] < 0.05
+        # While down, the breaker keeps enqueues away from Redis: none waits out the 0.5 s Redis timeout.
+        # (What an enqueue costs then, the outbox write plus about a millisecond, is the benchmark's to say.)
+        assert report["p99_while_down"] < 0.25, f"p99 while down {report['p99_while_down']:.3f} s"
     wait_drained(sqlite_url, redis_server.client(), sum(enqueued.values()))
     stop(replayer)
     assert_exactly_once_in_order(redis_server.client(), sqlite_url, enqueued)
