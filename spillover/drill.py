@@ -9,6 +9,7 @@ in order.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import statistics
@@ -139,17 +140,29 @@ def run_drill(
         progress("replay", stats.replayed)
 
         worker_conn = redis.Redis.from_url(redis_url)
-        SimpleWorker([queue_name], connection=worker_conn).work(burst=True, logging_level="WARNING")
+        worker = SimpleWorker([queue_name], name=queue_name, connection=worker_conn)
+        worker.work(burst=True, logging_level="WARNING")
         executed = [int(x) for x in worker_conn.lrange(f"spillover:drill:{run}:executed", 0, -1)]
         progress("execute", len(executed))
         report.executed = len(executed)
         report.executed_twice = len(executed) - len(set(executed))
         report.missing = len(set(range(jobs)) - set(executed))
         report.order_kept = executed == sorted(executed)
-        worker_conn.delete(f"spillover:drill:{run}:executed")
     finally:
         proxy.close()
+        leave_nothing_behind(redis.Redis.from_url(redis_url), run, queue_name)
     return report
+
+
+def leave_nothing_behind(conn: redis.Redis, run: str, queue_name: str) -> None:
+    """Remove every key the drill made (jobs, results, markers, registries, its worker, its queue)."""
+    with contextlib.suppress(redis.RedisError):
+        for pattern in (f"*{queue_name}*", f"*drill-{run}-*", f"spillover:drill:{run}:*"):
+            keys = list(conn.scan_iter(match=pattern, count=1000))
+            if keys:
+                conn.delete(*keys)
+        conn.srem("rq:queues", f"rq:queue:{queue_name}")
+        conn.srem("rq:workers", f"rq:worker:{queue_name}")
 
 
 def format_report(report: DrillReport) -> str:

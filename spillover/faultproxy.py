@@ -5,7 +5,10 @@ refuse new ones), ``stall`` (accept, never answer), ``drop_replies`` (forward
 commands to the server but throw its replies away: the ambiguous case where a
 write is applied and the client never learns it), and ``drop_big_replies``
 (the same, but only on a connection once it has sent a command over 16 KiB: a
-replay batch loses its reply while small health probes still pass).
+replay batch loses its reply while small health probes still pass), and ``hold``
+(keep what clients send, forward nothing and answer nothing, as a partition does;
+``deliver_held()`` then hands the held bytes to the server and closes, as a
+partition that heals does with the segments TCP kept retransmitting).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import contextlib
 import socket
 import threading
 
-MODES = ("pass", "refuse", "stall", "drop_replies", "drop_big_replies")
+MODES = ("pass", "refuse", "stall", "drop_replies", "drop_big_replies", "hold")
 BIG = 16 * 1024  # larger than any probe or script load, smaller than a replay batch
 
 
@@ -26,6 +29,9 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # per connection held in "hold" mode: the bytes the client sent, the upstream writer, and
+        # an event set once the server has closed that connection (it ran all it was sent)
+        self._held: list[tuple[bytearray, asyncio.StreamWriter, asyncio.Event]] = []
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spillover-faultproxy", daemon=True)
         self._sock = socket.create_server(("127.0.0.1", listen_port), reuse_port=False)
@@ -43,6 +49,10 @@ class FaultProxy:
             raise ValueError(f"mode must be one of {MODES}")
         asyncio.run_coroutine_threadsafe(self._set_mode(mode), self._loop).result(5)
 
+    def deliver_held(self) -> int:
+        """Send what ``hold`` kept to the server, then close those connections; bytes delivered."""
+        return asyncio.run_coroutine_threadsafe(self._deliver_held(), self._loop).result(10)
+
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -55,6 +65,7 @@ class FaultProxy:
         self._loop.run_forever()
 
     async def _start(self) -> None:
+        self._delivered = asyncio.Event()
         self._server = await asyncio.start_server(self._handle, sock=self._sock)
 
     async def _set_mode(self, mode: str) -> None:
@@ -68,15 +79,39 @@ class FaultProxy:
             self._sock = socket.create_server(("127.0.0.1", self.port))
             self._server = await asyncio.start_server(self._handle, sock=self._sock)
 
+    async def _deliver_held(self) -> int:
+        """Write each held request upstream, then end the connection; return once the server has run them."""
+        delivered = 0
+        held, self._held = self._held, []
+        for data, up_writer, server_done in held:
+            up_writer.write(bytes(data))
+            delivered += len(data)
+            with contextlib.suppress(ConnectionError, OSError):
+                await up_writer.drain()
+                up_writer.write_eof()  # after the data: the server runs the commands, then sees the end
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server_done.wait(), 10)
+        self._delivered.set()
+        self._delivered = asyncio.Event()
+        return delivered
+
     async def _close(self) -> None:
         self._cut_all()
         if self._server is not None:
             self._server.close()
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)  # no connection handler outlives the proxy
 
     def _cut_all(self) -> None:
+        """Drop every connection; requests held on them are lost, as they are when a partition never heals."""
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
+        self._held.clear()
+        self._delivered.set()
+        self._delivered = asyncio.Event()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -89,9 +124,16 @@ class FaultProxy:
             return
         self._writers.add(up_writer)
         muted = [False]  # this connection sent a big command while big replies are dropped
+        held = bytearray()
+        server_done = asyncio.Event()
+
+        async def replies() -> None:
+            await self._pump(up_reader, writer, muted, replies=True)
+            server_done.set()
+
         await asyncio.gather(
-            self._pump(reader, up_writer, muted, replies=False),
-            self._pump(up_reader, writer, muted, replies=True),
+            self._pump(reader, up_writer, muted, replies=False, held=held, server_done=server_done),
+            replies(),
             return_exceptions=True,
         )
         for w in (writer, up_writer):
@@ -99,14 +141,31 @@ class FaultProxy:
             w.transport.abort()
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, muted: list[bool], replies: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        muted: list[bool],
+        replies: bool,
+        held: bytearray | None = None,
+        server_done: asyncio.Event | None = None,
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
                 if not replies and self.mode == "drop_big_replies" and len(data) > BIG:
                     muted[0] = True
+                if self.mode == "hold":
+                    if held is not None and server_done is not None:  # a request: kept for later, or never
+                        if not held:
+                            self._held.append((held, writer, server_done))
+                        held += data
+                    continue
                 if self.mode == "stall" or (replies and (self.mode == "drop_replies" or muted[0])):
                     continue
+                if replies and writer.transport.is_closing():
+                    continue  # the client left; read on until the server has answered everything
                 writer.write(data)
                 await writer.drain()
+        if held:
+            await self._delivered.wait()  # the client is gone; its held request is not, yet
+            return
         writer.transport.abort()

@@ -16,15 +16,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import redis
 import rq
 from redis.client import Pipeline
-from redis.exceptions import WatchError
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.utils import now
@@ -34,13 +33,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from . import metrics, settings
 from .errors import OutboxUnavailable
 from .health import RedisHealth
+from .markers import ConfirmedMarkers
 from .outbox import Outbox, OutboxRow
 from .redis_side import (
+    DEFERRED,
+    DUPLICATE,
     ReplayScript,
     bounded_client,
     is_ambiguous,
     is_outage,
-    marker_key,
     resolve_target,
     server_key,
 )
@@ -70,6 +71,7 @@ class _SpillState:
 @dataclass
 class _Server:
     health: RedisHealth
+    markers: ConfirmedMarkers
     version: tuple[int, int, int] | None = None
 
 
@@ -97,7 +99,8 @@ def _server_for(connection: redis.Redis, timeout: float, probe_interval: float) 
     with _lock:
         server = _servers.get(key)
         if server is None:
-            server = _Server(RedisHealth(bounded_client(connection, timeout), probe_interval))
+            client = bounded_client(connection, timeout)
+            server = _Server(RedisHealth(client, probe_interval), ConfirmedMarkers(client))
             _servers[key] = server
         return server
 
@@ -170,42 +173,25 @@ class Queue(rq.Queue):
         return self._server.version
 
     # -- the three write paths of RQ ----------------------------------------------
+    #
+    # Each builds the outbox rows of its jobs once; the same rows go to Redis through the
+    # replay script (one call, marker-guarded, dependencies decided inside it) or, when
+    # Redis is unusable, to the outbox.
 
     def enqueue_job(
         self, job: Job, pipeline: Pipeline | None = None, at_front: bool = False, unique: bool = False
     ) -> Job:
         if pipeline is not None or unique or not self._is_async:
             return super().enqueue_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
-        job.origin = self.name
-        status = job.get_status(refresh=False)
-
-        def direct(pipe: Pipeline) -> None:
-            job._status = status  # a WatchError retry starts from the original status
-            super(Queue, self).enqueue_job(job, pipeline=pipe, at_front=at_front)
-            pipe.set(marker_key(job.id), b"1", ex=self.marker_ttl)
-
-        def spill(ambiguous: bool) -> list[SpilledJob]:
-            self._prepare_offline(job)
-            return [self._spilled(job, at_front=at_front, ambiguous=ambiguous)]
-
-        self._deliver([job], direct, spill)
+        self._prepare_offline(job)
+        self._deliver([job], [self._row(job, at_front=at_front)])
         return job
 
     def schedule_job(self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False) -> Job:
         if pipeline is not None or unique:
             return super().schedule_job(job, datetime, pipeline=pipeline, unique=unique)
-        when = datetime
-
-        def direct(pipe: Pipeline) -> None:
-            pipe.multi()
-            super(Queue, self).schedule_job(job, when, pipeline=pipe)
-            pipe.set(marker_key(job.id), b"1", ex=self.marker_ttl)
-
-        def spill(ambiguous: bool) -> list[SpilledJob]:
-            job._status = JobStatus.SCHEDULED
-            return [self._spilled(job, scheduled_at=schedule_timestamp(when), ambiguous=ambiguous)]
-
-        self._deliver([job], direct, spill)
+        job._status = JobStatus.SCHEDULED
+        self._deliver([job], [self._row(job, scheduled_at=schedule_timestamp(datetime))])
         return job
 
     def enqueue_many(
@@ -214,56 +200,38 @@ class Queue(rq.Queue):
         if pipeline is not None or not self._is_async:
             return list(super().enqueue_many(job_datas, pipeline=pipeline, group_id=group_id))
         datas = list(job_datas)
-        plain = [(self._create_from(data, group_id), bool(data.at_front)) for data in datas if not data.depends_on]
-        jobs = [job for job, _ in plain]
-
-        def direct(pipe: Pipeline) -> None:
-            pipe.multi()
-            pipe.sadd(self.redis_queues_keys, self.key)
-            for job, at_front in plain:
-                self._enqueue_job(job, pipeline=pipe, at_front=at_front)
-                pipe.set(marker_key(job.id), b"1", ex=self.marker_ttl)
-
-        def spill(ambiguous: bool) -> list[SpilledJob]:
-            spilled = []
-            for job, at_front in plain:
-                self._prepare_offline(job)
-                spilled.append(self._spilled(job, at_front=at_front, ambiguous=ambiguous))
-            return spilled
-
-        if plain:
-            self._deliver(jobs, direct, spill)
-        # Jobs with dependencies go one by one: each needs a WATCH on its parents.
-        for data in datas:
-            if data.depends_on:
-                jobs.append(self.enqueue_job(self._create_from(data, group_id), at_front=bool(data.at_front)))
+        # As RQ orders them: jobs without dependencies first, then those with.
+        datas = [data for data in datas if not data.depends_on] + [data for data in datas if data.depends_on]
+        jobs = [self._create_from(data, group_id) for data in datas]
+        rows = []
+        for job, data in zip(jobs, datas, strict=True):
+            self._prepare_offline(job)
+            rows.append(self._row(job, at_front=bool(data.at_front)))
+        if rows:
+            self._deliver(jobs, rows)
         return jobs
 
     # -- choosing the path ---------------------------------------------------------
 
-    def _deliver(
-        self,
-        jobs: Sequence[Job],
-        direct: Callable[[Pipeline], None],
-        spill: Callable[[bool], list[SpilledJob]],
-    ) -> None:
+    def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:
         started = time.perf_counter()
         state = self._spill_state
         error: BaseException | None = None
         if not state.spilling and self.health.is_up:
-            error = self._try_direct(jobs, direct)
+            error = self._try_direct(jobs, rows)
             if error is None:
                 self._count(metrics.DIRECT, len(jobs), started)
                 return
         with state.lock:
             if error is None and self._may_resume(state):
-                error = self._try_direct(jobs, direct)
+                error = self._try_direct(jobs, rows)
                 if error is None:
                     self._count(metrics.DIRECT, len(jobs), started)
                     return
             state.spilling = True
-            ambiguous = error is not None and is_ambiguous(error)
-            self._append(state, spill(ambiguous), error or self.health.last_error)
+            if error is not None and is_ambiguous(error):
+                rows = [replace(row, ambiguous=True) for row in rows]
+            self._append(state, rows, error or self.health.last_error)
         for job in jobs:
             setattr(job, "spilled", True)  # noqa: B010 - Job has no such field
         self._count(metrics.SPILLED, len(jobs), started)
@@ -272,29 +240,32 @@ class Queue(rq.Queue):
         metrics.ENQUEUED.labels(self.name, path).inc(jobs)
         metrics.ENQUEUE_SECONDS.labels(path).observe(time.perf_counter() - started)
 
-    def _try_direct(self, jobs: Sequence[Job], direct: Callable[[Pipeline], None]) -> BaseException | None:
-        """Write to Redis; None on success, the error when Redis is unavailable; raise otherwise."""
-        for job in jobs:
-            job.connection = self._client  # dependency look-ups must use the bounded client too
+    def _try_direct(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> BaseException | None:
+        """Write to Redis with the replay script; None on success, the error when Redis is unavailable.
+
+        Any other error is raised, as RQ raises it.
+        """
         try:
-            while True:
-                try:
-                    with self._client.pipeline(transaction=True) as pipe:
-                        direct(pipe)
-                        pipe.execute()
-                    break
-                except WatchError:
-                    continue  # a parent changed while we looked at it: look again, as RQ does
+            codes, failure = self._script.start(self.name, rows).result()
         except redis.RedisError as exc:
             if not is_outage(exc):
                 raise
             self.health.mark_down(exc)
             return exc
-        finally:
-            for job in jobs:
-                job.connection = self.connection
-        for job in jobs:
+        if failure is not None:
+            # The rows before the failing one are written, with their markers: spilled
+            # again, they are skipped on replay.
+            error = redis.ResponseError(failure)
+            if not is_outage(error):
+                raise error
+            self.health.mark_down(error)
+            return error
+        for job, code in zip(jobs, codes, strict=True):
+            if code == DEFERRED:
+                job._status, job.enqueued_at = JobStatus.DEFERRED, None
             setattr(job, "spilled", False)  # noqa: B010
+        # The replies came back: nobody will ever look for these markers.
+        self._server.markers.confirmed([job.id for job, code in zip(jobs, codes, strict=True) if code != DUPLICATE])
         return None
 
     def _may_resume(self, state: _SpillState) -> bool:
@@ -357,9 +328,8 @@ class Queue(rq.Queue):
             job.timeout = self._default_timeout
         job._status = JobStatus.QUEUED
 
-    def _spilled(
-        self, job: Job, *, at_front: bool = False, scheduled_at: int | None = None, ambiguous: bool
-    ) -> SpilledJob:
+    def _row(self, job: Job, *, at_front: bool = False, scheduled_at: int | None = None) -> SpilledJob:
+        """The job as the replay script and the outbox both take it."""
         return SpilledJob(
             target=self.target,
             queue=self.name,
@@ -367,7 +337,6 @@ class Queue(rq.Queue):
             job_hash=encode_hash(job.to_dict()),
             at_front=at_front,
             scheduled_at=scheduled_at,
-            ambiguous=ambiguous,
         )
 
     def _create_from(self, data: EnqueueData, group_id: str | None) -> Job:

@@ -191,6 +191,10 @@ def load_script(name: str) -> str:
     return resources.files("spillover").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+# What the replay script says it did with each row.
+DUPLICATE, QUEUED, DEFERRED, SCHEDULED = 0, 1, 2, 3
+
+
 class ReplayScript:
     """The replay Lua script on one client: one call pushes a whole batch.
 

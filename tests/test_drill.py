@@ -25,7 +25,10 @@ def test_drill_with_a_throwaway_redis_counts_every_job(tmp_path):
     assert "redis down" in out.stderr and "redis up again" in out.stderr
 
 
-def test_drill_against_a_given_redis_leaves_it_running(redis_server, sqlite_url):
+def test_drill_against_a_given_redis_leaves_it_running_and_as_it_was(redis_server, sqlite_url):
+    client = redis_server.client()
+    client.set("app:key", "mine")
+    before = set(client.keys("*"))
     out = subprocess.run(
         [
             sys.executable,
@@ -45,4 +48,7 @@ def test_drill_against_a_given_redis_leaves_it_running(redis_server, sqlite_url)
     )
     assert out.returncode == 0, out.stderr
     assert "PASS" in out.stdout
-    assert redis_server.client().ping()
+    assert client.ping()
+    left = set(client.keys("*")) - before - {b"spillover:probe"}  # the probe key expires in a minute
+    assert left == set(), f"the drill left {sorted(left)[:10]}"
+    assert client.get("app:key") == b"mine"

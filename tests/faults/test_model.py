@@ -70,9 +70,14 @@ class SpilloverModel(RuleBasedStateMachine):
                 self.queue.enqueue(jobs.noop, job_id=job_id)
         self.expected += ids
 
-    @rule(mode=st.sampled_from(["refuse", "stall", "drop_replies", "pass", "pass"]))
+    @rule(mode=st.sampled_from(["refuse", "stall", "drop_replies", "hold", "pass", "pass"]))
     def redis_fault(self, mode: str) -> None:
+        """ "hold" delays requests: they reach Redis when late_requests_arrive, if ever."""
         self.proxy.set_mode(mode)
+
+    @rule()
+    def late_requests_arrive(self) -> None:
+        self.proxy.deliver_held()
 
     @rule()
     def time_passes(self) -> None:
@@ -100,6 +105,7 @@ class SpilloverModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.proxy.set_mode("pass")
+        self.proxy.deliver_held()
         self.replayer(self.outbox).drain()
         ids = [x.decode() for x in self.redis.lrange(f"rq:queue:{QUEUE}", 0, -1)]
         self.proxy.close()
