@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import jobs
 import pytest
@@ -223,7 +224,7 @@ def test_ambiguous_row_older_than_the_marker_ttl_is_not_replayed_blindly(redis_s
     queue = Queue("amb-old", connection=redis.Redis(port=free_port()), outbox=outbox_)
     job = queue.create_job(jobs.noop, job_id="maybe-delivered")
     queue._prepare_offline(job)
-    stored = queue._spilled(job, ambiguous=True)
+    stored = replace(queue._row(job), ambiguous=True)
     outbox_.append(
         [stored, SpilledJob("tests", "amb-old", "fine", stored.job_hash.replace(b"maybe-delivered", b"fine"))]
     )

@@ -37,7 +37,7 @@ def test_row_with_lower_id_committing_last_is_not_skipped(redis_server, postgres
     queue._prepare_offline(template)
 
     def row(job_id: str) -> dict[str, object]:
-        spilled = queue._spilled(template, ambiguous=False)
+        spilled = queue._row(template)
         return {
             "target": "tests",
             "queue": QUEUE,
