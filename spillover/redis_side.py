@@ -1,8 +1,9 @@
 """The Redis side: bounded clients, what counts as an outage, and the replay script.
 
-Knows nothing of SQL. Every write spillover makes to Redis leaves a delivery
-marker (``spillover:delivered:<job id>``) in the same MULTI or Lua call, so a
-write whose reply was lost can be recognised later and never pushed twice.
+Knows nothing of SQL. Every write spillover makes into RQ, direct or replayed,
+is one call of the replay script: it checks the job's delivery marker
+(``spillover:delivered:<job id>``) first and writes the job and its marker only
+if there is none, so a second delivery of a job, in whatever order, writes nothing.
 """
 
 from __future__ import annotations
@@ -176,10 +177,6 @@ def redis_from_url(url: str, **kwargs: Any) -> redis.Redis:
 
 def client_from_url(url: str, timeout: float) -> redis.Redis:
     return bounded_client(redis_from_url(url), timeout)
-
-
-def marker_key(job_id: str) -> str:
-    return f"{MARKER_PREFIX}{job_id}"
 
 
 def probe_write(client: redis.Redis) -> None:
