@@ -2,9 +2,9 @@
 
 Healthy path: the job hash RQ would write (RQ's own ``Job.to_dict()``) goes to
 the marker-guarded replay script, one call per enqueue or enqueue_many (one round
-trip; no database access). Unhealthy path: the same row goes to the outbox instead, and the queue stays in "spill
-mode" until this producer's rows are in Redis, so one producer's jobs reach RQ
-in the order they were enqueued. The replayer moves the bulk of them; the last
+trip; no database access). Unhealthy path: the same row goes to the outbox
+instead, and the queue stays in "spill mode" until this producer's rows are in
+Redis, so one producer's jobs reach RQ in the order they were enqueued. The replayer moves the bulk of them; the last
 few the producer pushes itself, through the replayer's own marker-guarded
 script, so a producer that keeps enqueueing is not left spilling behind a
 replayer that polls.

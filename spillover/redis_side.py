@@ -8,6 +8,8 @@ if there is none, so a second delivery of a job, in whatever order, writes nothi
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -184,6 +186,7 @@ def probe_write(client: redis.Redis) -> None:
     client.set(PROBE_KEY, b"1", px=60_000)
 
 
+@functools.cache
 def load_script(name: str) -> str:
     return resources.files("spillover").joinpath("lua", name).read_text(encoding="utf-8")
 
@@ -203,7 +206,9 @@ class ReplayScript:
         self.client = client
         self.marker_ttl = marker_ttl
         self.source = load_script("replay.lua")
-        self.sha: str | None = None
+        # Known without asking Redis, so a new Queue object costs no round trip; a server that
+        # does not have the script yet answers NOSCRIPT, runs nothing, and gets it loaded.
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
     def start(self, queue_name: str, rows: Sequence[ReplayItem]) -> PendingPush:
         args: list[Any] = [
@@ -219,8 +224,6 @@ class ReplayScript:
         return self._send(args)
 
     def _send(self, args: list[Any]) -> PendingPush:
-        if self.sha is None:
-            self.sha = str(self.client.script_load(self.source))
         pool = self.client.connection_pool
         conn: Any = pool.get_connection()
         try:
@@ -248,9 +251,9 @@ class PendingPush:
         pool = self.script.client.connection_pool
         try:
             reply = self.conn.read_response()
-        except NoScriptError:  # Redis restarted and lost its script cache: load it again
+        except NoScriptError:  # a new or restarted Redis without the script: it ran nothing; load, resend
             pool.release(self.conn)
-            self.script.sha = None
+            self.script.client.script_load(self.script.source)
             return self.script._send(self.args).result()
         except BaseException:
             self.conn.disconnect()
