@@ -210,6 +210,10 @@ class ReplayScript:
         # does not have the script yet answers NOSCRIPT, runs nothing, and gets it loaded.
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
+    def load(self) -> None:
+        """Make sure the server has the script (SCRIPT LOAD)."""
+        self.client.script_load(self.source)
+
     def start(self, queue_name: str, rows: Sequence[ReplayItem]) -> PendingPush:
         args: list[Any] = [
             RQ_QUEUE_PREFIX + queue_name,
@@ -253,7 +257,7 @@ class PendingPush:
             reply = self.conn.read_response()
         except NoScriptError:  # a new or restarted Redis without the script: it ran nothing; load, resend
             pool.release(self.conn)
-            self.script.client.script_load(self.script.source)
+            self.script.load()
             return self.script._send(self.args).result()
         except BaseException:
             self.conn.disconnect()

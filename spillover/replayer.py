@@ -319,6 +319,10 @@ class Replayer:
     def _redis_healthy(self) -> bool:
         try:
             probe_write(self.client)
+            if self._redis_up is not True:
+                # A Redis that is new, restarted or failed over may lack the script: load it with a
+                # small command of its own, not learn it from a batch call whose reply may be lost.
+                self.script.load()
         except redis.RedisError as exc:
             if not is_outage(exc):
                 raise
