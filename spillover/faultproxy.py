@@ -100,9 +100,10 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
         others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in others:
+        _, stuck = await asyncio.wait(others, timeout=1) if others else (set(), set())
+        for task in stuck:
             task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)  # no connection handler outlives the proxy
+        await asyncio.gather(*stuck, return_exceptions=True)  # no connection handler outlives the proxy
 
     def _cut_all(self) -> None:
         """Drop every connection; requests held on them are lost, as they are when a partition never heals."""
@@ -114,6 +115,10 @@ class FaultProxy:
         self._delivered = asyncio.Event()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # close() ends the connections it has not
+            await self._serve(reader, writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         if self.mode == "stall":
             return  # hold the connection open and say nothing
