@@ -450,18 +450,22 @@ def _seconds_ago(engine: Engine, seconds: float) -> Any:
 # The replay hot path in each dialect's own SQL: an id list is one parameter (a JSON
 # array for SQLite, an array for Postgres) instead of one bound parameter per id.
 _COLUMNS = "id, queue, job_id, job_hash, at_front, scheduled_at, ambiguous, attempts"
+# Pending rows as OutboxRow reads them: its columns and the row's age, by the database's clock.
+_SELECT_ROWS = {
+    True: f"SELECT {_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400.0 FROM spillover_outbox ",
+    False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox ",
+}
 _FETCH_SQL = {
-    True: f"SELECT {_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400.0 FROM spillover_outbox "
-    "WHERE target = ? AND queue = ? AND state = 'pending' AND id NOT IN (SELECT value FROM json_each(?)) "
-    "ORDER BY id LIMIT ?",
-    False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox "
-    "WHERE target = %s AND queue = %s AND state = 'pending' AND id <> ALL(%s) ORDER BY id LIMIT %s",
+    True: _SELECT_ROWS[True] + "WHERE target = ? AND queue = ? AND state = 'pending' "
+    "AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+    False: _SELECT_ROWS[False] + "WHERE target = %s AND queue = %s AND state = 'pending' "
+    "AND id <> ALL(%s) ORDER BY id LIMIT %s",
 }
 _OWN_SQL = {
-    True: f"SELECT {_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400.0 FROM spillover_outbox "
-    "WHERE producer = ? AND state = 'pending' AND target = ? AND queue = ? ORDER BY id LIMIT ?",
-    False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox "
-    "WHERE producer = %s AND state = 'pending' AND target = %s AND queue = %s ORDER BY id LIMIT %s",
+    True: _SELECT_ROWS[True] + "WHERE producer = ? AND state = 'pending' AND target = ? AND queue = ? "
+    "ORDER BY id LIMIT ?",
+    False: _SELECT_ROWS[False] + "WHERE producer = %s AND state = 'pending' AND target = %s AND queue = %s "
+    "ORDER BY id LIMIT %s",
 }
 _INSERT_COLUMNS = "target, queue, job_id, job_hash, at_front, scheduled_at, ambiguous, producer"
 
