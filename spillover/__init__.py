@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     BacklogFull,
     ConfigurationError,
+    NotInTransaction,
     OutboxError,
     OutboxNotMigrated,
     OutboxUnavailable,
@@ -20,6 +21,7 @@ from .redis_side import redis_from_url
 
 if TYPE_CHECKING:
     from .queue import Queue, was_spilled
+    from .transaction import TransactionalQueue
 
 
 def __getattr__(name: str) -> Any:
@@ -28,12 +30,17 @@ def __getattr__(name: str) -> Any:
         from . import queue
 
         return getattr(queue, name)
+    if name == "TransactionalQueue":
+        from . import transaction
+
+        return transaction.TransactionalQueue
     raise AttributeError(f"module 'spillover' has no attribute {name!r}")
 
 
 __all__ = [
     "BacklogFull",
     "ConfigurationError",
+    "NotInTransaction",
     "Outbox",
     "OutboxError",
     "OutboxNotMigrated",
@@ -41,6 +48,7 @@ __all__ = [
     "Queue",
     "ReplayError",
     "SpilloverError",
+    "TransactionalQueue",
     "redis_from_url",
     "was_spilled",
 ]

@@ -15,6 +15,21 @@ class ConfigurationError(SpilloverError):
     """A setting, URL or argument cannot work."""
 
 
+class NotInTransaction(ConfigurationError):
+    """``queue.within(...)`` was used on a Session or Connection with no transaction open.
+
+    spillover never begins, commits or rolls back the caller's transaction, so a job
+    written outside one would be committed by nobody, or by whatever commits next.
+    """
+
+    def __init__(self, kind: str) -> None:
+        begin = "session.begin()" if kind == "Session" else "connection.begin()"
+        super().__init__(
+            f"within(): the {kind} has no transaction open; begin one (`with {begin}:`, or write your own "
+            "rows first) and enqueue inside it"
+        )
+
+
 class OutboxError(SpilloverError):
     """The outbox database could not do what was asked."""
 

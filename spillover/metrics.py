@@ -23,7 +23,12 @@ ENQUEUE_SECONDS = Histogram(
     ["path"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-DIRECT, SPILLED = "direct", "spilled"
+DIRECT, SPILLED, TRANSACTION = "direct", "spilled", "transaction"
+COMMITTED_PUSHED = Counter(
+    "spillover_committed_pushed",
+    "Jobs enqueued within a transaction that the producer pushed into RQ at commit (the rest the replayer moves).",
+    ["queue"],
+)
 
 # -- replayer --------------------------------------------------------------------------
 

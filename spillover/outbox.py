@@ -101,7 +101,7 @@ def _dispose_in_child(engine_ref: weakref.ref[Engine]) -> None:
         engine.dispose(close=False)
 
 
-def _is_missing_table(exc: StatementError, table: str = outbox.name) -> bool:
+def is_missing_table(exc: StatementError, table: str = outbox.name) -> bool:
     """``table``, or a column a newer migration adds, is missing: the schema is absent or behind."""
     text = str(exc.orig).lower()
     if "no such column" in text or "has no column named" in text:
@@ -170,7 +170,7 @@ class Outbox:
             with conn, conn.begin():
                 yield conn
         except DBAPIError as exc:
-            if _is_missing_table(exc):
+            if is_missing_table(exc):
                 raise OutboxNotMigrated(outbox.name) from exc
             raise
 
@@ -189,7 +189,7 @@ class Outbox:
                 with self.engine.connect().execution_options(**_READ) as conn, conn.begin():
                     conn.execute(query)
             except DBAPIError as exc:
-                if not _is_missing_table(exc, table):
+                if not is_missing_table(exc, table):
                     raise
                 behind = "column" in str(exc.orig).lower()
                 raise OutboxNotMigrated(
@@ -207,7 +207,7 @@ class Outbox:
         in autocommit, its own transaction: one round trip where BEGIN, INSERT, COMMIT
         take three.
         """
-        self._check_backlog(len(jobs))
+        self.reserve_backlog(len(jobs))
         producer = producer_id()
         rows = [
             (job.target, job.queue, job.job_id, job.job_hash, job.at_front, job.scheduled_at, job.ambiguous, producer)
@@ -229,7 +229,6 @@ class Outbox:
             ids = self._raw(insert_each, self._insert_sql)
         else:
             ids = self._raw(insert_at_once, self._insert_sql, single_statement=True)
-        self._pending_estimate += len(jobs)
         return ids
 
     def _raw(self, work: Callable[[Any], T], sql: str, write: bool = True, single_statement: bool = False) -> T:
@@ -252,7 +251,7 @@ class Outbox:
         except self._dbapi_error as exc:
             error = exc
         wrapped = DBAPIError.instance(sql, None, error, self._dbapi_error)
-        if _is_missing_table(wrapped):
+        if is_missing_table(wrapped):
             raise OutboxNotMigrated(outbox.name) from wrapped
         raise wrapped from error
 
@@ -281,8 +280,8 @@ class Outbox:
             raw.close()  # back to the pool (a no-op once invalidated)
         return result
 
-    def _check_backlog(self, adding: int) -> None:
-        """Bound the backlog without a COUNT on every spill: recount once a second, or near the limit."""
+    def reserve_backlog(self, adding: int) -> None:
+        """Count ``adding`` rows in, or raise BacklogFull; a COUNT once a second or near the limit, not per spill."""
         if self.max_backlog <= 0:
             return
         now = time.monotonic()
@@ -292,6 +291,7 @@ class Outbox:
             self._estimated_at = now
         if self._pending_estimate + adding > self.max_backlog:
             raise BacklogFull(self._pending_estimate, self.max_backlog)
+        self._pending_estimate += adding
 
     def pending_count(self, queue: str | None = None, target: str | None = None) -> int:
         query = select(func.count()).select_from(outbox).where(outbox.c.state == PENDING)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import rq
@@ -27,8 +27,9 @@ from redis.client import Pipeline
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.utils import now
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, scoped_session
 
 from . import metrics, settings
 from .errors import OutboxUnavailable
@@ -46,6 +47,9 @@ from .redis_side import (
     server_key,
 )
 from .stored_job import SpilledJob, encode_hash, schedule_timestamp
+
+if TYPE_CHECKING:
+    from .transaction import TransactionalQueue
 
 log = logging.getLogger("spillover.queue")
 
@@ -172,6 +176,19 @@ class Queue(rq.Queue):
         self.redis_server_version = self._server.version
         return self._server.version
 
+    def within(self, session_or_connection: Session | Connection | scoped_session[Any]) -> TransactionalQueue:
+        """This queue's enqueue methods, writing each job into the caller's open transaction.
+
+        The job exists if and only if that transaction commits: it is an outbox row in
+        the caller's database (migrated with ``spillover db upgrade``), and after a
+        Session's commit the producer pushes it into RQ at once; otherwise, and whenever
+        that push cannot happen, the replayer delivers it. Nothing reaches Redis before
+        the commit, and spillover never begins, commits or rolls back the transaction.
+        """
+        from .transaction import TransactionalQueue
+
+        return TransactionalQueue(self, session_or_connection)
+
     # -- the three write paths of RQ ----------------------------------------------
     #
     # Each builds the outbox rows of its jobs once; the same rows go to Redis through the
@@ -223,7 +240,7 @@ class Queue(rq.Queue):
                 self._count(metrics.DIRECT, len(jobs), started)
                 return
         with state.lock:
-            if error is None and self._may_resume(state):
+            if error is None and self._may_resume(state, self.outbox):
                 error = self._try_direct(jobs, rows)
                 if error is None:
                     self._count(metrics.DIRECT, len(jobs), started)
@@ -268,8 +285,8 @@ class Queue(rq.Queue):
         self._server.markers.confirmed([job.id for job, code in zip(jobs, codes, strict=True) if code != DUPLICATE])
         return None
 
-    def _may_resume(self, state: _SpillState) -> bool:
-        """Leave spill mode once Redis is up and none of this producer's rows is still pending.
+    def _may_resume(self, state: _SpillState, outbox: Outbox) -> bool:
+        """Leave spill mode once Redis is up and none of this producer's rows in ``outbox`` is still pending.
 
         The last few (up to RESUME_PUSH_LIMIT) it pushes itself with the replay script:
         each push writes rows in id order and skips any job whose marker exists, so a
@@ -281,18 +298,18 @@ class Queue(rq.Queue):
             return False
         state.checked_at = time.monotonic()
         try:
-            mine = self.outbox.own_pending(self.target, self.name, RESUME_PUSH_LIMIT + 1)
+            mine = outbox.own_pending(self.target, self.name, RESUME_PUSH_LIMIT + 1)
             too_old = any(row.ambiguous and row.age_seconds > self.marker_ttl for row in mine)
             if len(mine) > RESUME_PUSH_LIMIT or too_old:
                 return False  # a backlog, or a row only the replayer may judge: it moves them
-            if mine and not self._push_own(mine):
+            if mine and not self._push_own(mine, outbox):
                 return False
         except SQLAlchemyError:
             return False  # cannot tell: keep spilling, order first
         state.spilling = False
         return True
 
-    def _push_own(self, rows: list[OutboxRow]) -> bool:
+    def _push_own(self, rows: list[OutboxRow], outbox: Outbox) -> bool:
         """Push this producer's remaining rows into RQ and remove them; False if any is left."""
         try:
             codes, error = self._script.start(self.name, rows).result()
@@ -302,7 +319,7 @@ class Queue(rq.Queue):
             else:
                 log.warning("pushing this producer's spilled rows failed, leaving them to the replayer: %r", exc)
             return False
-        self.outbox.mark_delivered([row.id for row in rows[: len(codes)]], keep=False)
+        outbox.mark_delivered([row.id for row in rows[: len(codes)]], keep=False)
         return error is None
 
     def _append(self, state: _SpillState, spilled: list[SpilledJob], redis_error: BaseException | None) -> None:
