@@ -23,3 +23,14 @@ def on_success(job: object, connection: object, result: object) -> None:
 
 def on_failure(job: object, connection: object, *exc_info: object) -> None:
     return None
+
+
+def read_order(database_url: str, order_id: int) -> str:
+    """Read the order the enqueueing transaction inserted, and record what was found (or "missing")."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        item = conn.execute(text("SELECT item FROM orders WHERE id = :id"), {"id": order_id}).scalar()
+    engine.dispose()
+    return record(item or "missing")

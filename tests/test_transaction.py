@@ -1,0 +1,267 @@
+"""Enqueue within the application's transaction: the job exists if and only if the commit does.
+
+Real SQLite files and a real PostgreSQL hold both the application's table and the outbox;
+real redis-servers and real RQ workers take the jobs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jobs
+import pytest
+import redis
+import rq
+from forms import FORMS, depends_on_unfinished
+from helpers import replay_once, run_worker, snapshot, wait_for
+from sqlalchemy import Engine, String, create_engine, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from spillover import ConfigurationError, NotInTransaction, Outbox, OutboxNotMigrated, Queue, was_spilled
+from spillover.faultproxy import FaultProxy
+from spillover.settings import MARKER_PREFIX
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    """The application's own table, in the same database as the outbox."""
+
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item: Mapped[str] = mapped_column(String(100))
+
+
+@pytest.fixture
+def app_engine(outbox_url: str) -> Iterator[Engine]:
+    engine = create_engine(outbox_url)
+    Base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+def queued(client, queue: str = "orders") -> list[str]:
+    return [x.decode() for x in client.lrange(f"rq:queue:{queue}", 0, -1)]
+
+
+def orders(engine: Engine) -> list[str]:
+    with Session(engine) as session:
+        return list(session.scalars(select(Order.item).order_by(Order.id)))
+
+
+def test_committed_job_is_in_rq_when_commit_returns_and_its_worker_finds_the_row(redis_server, outbox_url, app_engine):
+    client = redis_server.client()
+    q = Queue("orders", connection=client, outbox=outbox_url)
+    with Session(app_engine) as session:
+        order = Order(item="book")
+        session.add(order)
+        session.flush()
+        job = q.within(session).enqueue(jobs.read_order, outbox_url, order.id, job_id="receipt")
+        assert job.id == "receipt" and not was_spilled(job)
+        assert snapshot(client, keep_markers=True) == {}, "nothing of the job in Redis before the commit"
+        session.commit()
+    assert queued(client) == ["receipt"], "in RQ when commit() returns, with no replayer"
+    run_worker(redis_server.url, "orders")
+    assert client.lrange("executed", 0, -1) == [b"book"], "the worker saw the row its transaction inserted"
+    wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)  # the producer deletes its rows
+    replay_once(outbox_url, redis_server.url)
+    assert client.lrange("executed", 0, -1) == [b"book"] and queued(client) == []
+
+
+def test_rolled_back_jobs_never_reach_redis(redis_server, outbox_url, app_engine):
+    client = redis_server.client()
+    q = Queue("orders", connection=client, outbox=outbox_url)
+    with Session(app_engine) as session:  # explicit rollback
+        session.add(Order(item="rolled back"))
+        q.within(session).enqueue(jobs.noop, job_id="rolled-back")
+        session.rollback()
+    with pytest.raises(RuntimeError), Session(app_engine) as session, session.begin():  # an exception
+        session.add(Order(item="raised"))
+        q.within(session).enqueue(jobs.noop, job_id="raised")
+        raise RuntimeError("the request failed")
+    with Session(app_engine) as session:  # closed without a commit
+        session.add(Order(item="abandoned"))
+        q.within(session).enqueue(jobs.noop, job_id="abandoned")
+    with Session(app_engine) as session, session.begin():  # savepoints inside a committed transaction
+        session.add(Order(item="kept"))
+        with session.begin_nested():
+            q.within(session).enqueue(jobs.noop, job_id="released-savepoint")
+        with pytest.raises(RuntimeError), session.begin_nested():
+            q.within(session).enqueue(jobs.noop, job_id="rolled-back-savepoint")
+            raise RuntimeError("undo this part")
+        q.within(session).enqueue(jobs.noop, job_id="after-savepoints")
+    assert queued(client) == ["released-savepoint", "after-savepoints"]
+    assert orders(app_engine) == ["kept"]
+    wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
+    replay_once(outbox_url, redis_server.url)
+    assert queued(client) == ["released-savepoint", "after-savepoints"]
+    assert not client.exists("rq:job:rolled-back", "rq:job:raised", "rq:job:abandoned", "rq:job:rolled-back-savepoint")
+
+
+def test_a_connection_commit_is_delivered_by_the_replayer(redis_server, outbox_url, app_engine):
+    client = redis_server.client()
+    q = Queue("orders", connection=client, outbox=outbox_url)
+    with app_engine.connect() as conn:
+        with conn.begin():
+            conn.execute(Order.__table__.insert().values(item="pen"))
+            q.within(conn).enqueue(jobs.noop, job_id="via-connection")
+        with conn.begin() as transaction:
+            q.within(conn).enqueue(jobs.noop, job_id="connection-rolled-back")
+            transaction.rollback()
+    assert queued(client) == [] and Outbox(outbox_url).pending_count("orders") == 1
+    replay_once(outbox_url, redis_server.url)
+    assert queued(client) == ["via-connection"]
+    replay_once(outbox_url, redis_server.url)
+    assert queued(client) == ["via-connection"] and Outbox(outbox_url).pending_count() == 0
+
+
+@pytest.mark.parametrize("form_name", sorted(FORMS))
+def test_every_form_within_a_transaction_equals_native_rq(form_name, redis_server, sqlite_url):
+    form = FORMS[form_name]
+    native, ours = redis_server.client(db=1), redis_server.client(db=0)
+    if form is depends_on_unfinished:
+        for client in (native, ours):
+            rq.Queue("q", connection=client).enqueue(jobs.noop, job_id="parent")
+    form(rq.Queue("q", connection=native))
+    engine = create_engine(sqlite_url)
+    before = snapshot(ours, keep_markers=True)
+    with Session(engine) as session, session.begin():
+        session.connection()  # the transaction is open
+        form(Queue("q", connection=ours, outbox=sqlite_url).within(session))
+        assert snapshot(ours, keep_markers=True) == before, "nothing reaches Redis before the commit"
+    relative = form_name == "enqueue_in"
+    assert snapshot(ours, relative_schedule=relative) == snapshot(native, relative_schedule=relative)
+    if relative:
+        [(_, ours_at)] = ours.zrange("rq:scheduled:q", 0, -1, withscores=True)
+        [(_, native_at)] = native.zrange("rq:scheduled:q", 0, -1, withscores=True)
+        assert 0 <= ours_at - native_at <= 60
+
+
+def test_plain_enqueues_are_not_held_back_by_an_open_transaction(redis_server, sqlite_url):
+    client = redis_server.client()
+    q = Queue("orders", connection=client, outbox=sqlite_url)
+    with Session(create_engine(sqlite_url)) as session, session.begin():
+        session.connection()
+        q.within(session).enqueue(jobs.noop, job_id="in-transaction")
+        plain = q.enqueue(jobs.noop, job_id="plain")
+        assert not was_spilled(plain) and queued(client) == ["plain"]
+    assert queued(client) == ["plain", "in-transaction"]
+
+
+def test_redis_down_at_commit_the_commit_succeeds_and_order_is_kept(make_redis, outbox_url, app_engine):
+    redis_server = make_redis(aof=True)
+    client = redis_server.client()
+    q = Queue("orders", connection=redis_server.client(), outbox=outbox_url, redis_timeout=0.5)
+
+    def commit(job_id: str) -> float:
+        with Session(app_engine) as session:
+            session.add(Order(item=job_id))
+            q.within(session).enqueue(jobs.noop, job_id=job_id)
+            started = time.perf_counter()
+            session.commit()
+            return time.perf_counter() - started
+
+    commit("a")
+    redis_server.kill()
+    assert commit("b") < 2.0, "a dead Redis holds a commit up for one bounded attempt at most"
+    commit("c")
+    # both wait in the outbox (a's row, pushed, is deleted in the background)
+    wait_for(lambda: Outbox(outbox_url).pending_count("orders") == 2, timeout=5)
+    redis_server.start()
+    wait_for(lambda: q.health.is_up, timeout=10)
+    commit("d")  # this producer's own b and c go first, then d: never d before them
+    assert queued(client) == ["a", "b", "c", "d"]
+    wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
+    replay_once(outbox_url, redis_server.url)
+    assert queued(client) == ["a", "b", "c", "d"]
+    assert orders(app_engine) == ["a", "b", "c", "d"]
+
+
+def test_lost_reply_at_commit_is_settled_by_the_marker(redis_server, sqlite_url):
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    q = Queue("orders", connection=redis.Redis(port=proxy.port), outbox=sqlite_url, redis_timeout=0.5)
+    engine = create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    assert not was_spilled(q.enqueue(jobs.noop))  # connection and server version in place
+    proxy.set_mode("drop_replies")
+    with Session(engine) as session, session.begin():
+        session.add(Order(item="x"))
+        q.within(session).enqueue(jobs.noop, job_id="landed")
+    client = redis_server.client()
+    assert client.exists(MARKER_PREFIX + "landed"), "the push landed with its marker; its reply was lost"
+    assert Outbox(sqlite_url).pending_count("orders") == 1
+    proxy.set_mode("pass")
+    replay_once(sqlite_url, redis_server.url)
+    assert queued(client).count("landed") == 1
+    proxy.close()
+
+
+def test_misuse_gets_a_clear_error(redis_server, sqlite_url, tmp_path: Path):
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    q = Queue("orders", connection=redis_server.client(), outbox=sqlite_url)
+    engine = create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session, pytest.raises(NotInTransaction, match="begin"):
+        q.within(session).enqueue(jobs.noop)
+    with engine.connect() as conn, pytest.raises(NotInTransaction, match=r"connection\.begin\(\)"):
+        q.within(conn).enqueue(jobs.noop)
+    with pytest.raises(ConfigurationError, match="Session or Connection"):
+        q.within(engine)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="AsyncSession is not supported"):
+        q.within(AsyncSession())  # type: ignore[arg-type]
+    with Session(engine) as session, session.begin():
+        session.connection()
+        with pytest.raises(ConfigurationError, match="pipeline"):
+            q.within(session).enqueue_call(jobs.noop, pipeline=redis_server.client().pipeline())
+        with pytest.raises(ConfigurationError, match="unique"):
+            q.within(session).enqueue(jobs.noop, job_id="u", unique=True)
+    with pytest.raises(ConfigurationError, match="in-memory"):
+        q.within(Session(create_engine("sqlite://")))
+    assert Outbox(sqlite_url).pending_count() == 0 and not redis_server.client().keys("rq:*")
+
+    # A database the outbox migrations never ran on: named, and the caller's transaction is not harmed.
+    bare = create_engine(f"sqlite:///{tmp_path / 'no-outbox.db'}")
+    Base.metadata.create_all(bare)
+    with Session(bare) as session:
+        session.add(Order(item="still mine"))
+        with pytest.raises(OutboxNotMigrated, match="spillover db upgrade"):
+            q.within(session).enqueue(jobs.noop)
+        session.commit()
+    assert orders(bare) == ["still mine"]
+
+
+def test_postgres_without_the_table_leaves_the_transaction_usable(redis_server, postgres_server):
+    from servers import create_database
+
+    url = create_database(postgres_server)  # not migrated
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    q = Queue("orders", connection=redis_server.client(), outbox=url)
+    with Session(engine) as session:
+        session.add(Order(item="mine"))
+        session.flush()
+        with pytest.raises(OutboxNotMigrated, match="spillover db upgrade"):
+            q.within(session).enqueue(jobs.noop)
+        session.commit()  # a failed INSERT would have aborted the whole transaction on Postgres
+    assert orders(engine) == ["mine"]
+    engine.dispose()
+
+
+def test_many_jobs_in_one_transaction_keep_their_order(redis_server, outbox_url, app_engine):
+    client = redis_server.client()
+    q = Queue("orders", connection=client, outbox=outbox_url)
+    with Session(app_engine) as session, session.begin():
+        session.add(Order(item="bulk"))
+        tx = q.within(session)
+        for i in range(50):
+            tx.enqueue(jobs.noop, job_id=f"one-{i:02d}")
+        tx.enqueue_many([tx.prepare_data(jobs.noop, job_id=f"many-{i:02d}") for i in range(50)])
+    assert queued(client) == [f"one-{i:02d}" for i in range(50)] + [f"many-{i:02d}" for i in range(50)]
+    with Session(app_engine) as session:
+        count = session.scalar(select(func.count()).select_from(Order))
+    assert count == 1
