@@ -16,24 +16,13 @@ import redis
 import rq
 from forms import FORMS, depends_on_unfinished
 from helpers import replay_once, run_worker, snapshot, wait_for
-from sqlalchemy import Engine, String, create_engine, func, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from orders import Base, Order, items
+from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy.orm import Session
 
 from spillover import ConfigurationError, NotInTransaction, Outbox, OutboxNotMigrated, Queue, was_spilled
 from spillover.faultproxy import FaultProxy
 from spillover.settings import MARKER_PREFIX
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Order(Base):
-    """The application's own table, in the same database as the outbox."""
-
-    __tablename__ = "orders"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    item: Mapped[str] = mapped_column(String(100))
 
 
 @pytest.fixture
@@ -46,11 +35,6 @@ def app_engine(outbox_url: str) -> Iterator[Engine]:
 
 def queued(client, queue: str = "orders") -> list[str]:
     return [x.decode() for x in client.lrange(f"rq:queue:{queue}", 0, -1)]
-
-
-def orders(engine: Engine) -> list[str]:
-    with Session(engine) as session:
-        return list(session.scalars(select(Order.item).order_by(Order.id)))
 
 
 def test_committed_job_is_in_rq_when_commit_returns_and_its_worker_finds_the_row(redis_server, outbox_url, app_engine):
@@ -95,7 +79,7 @@ def test_rolled_back_jobs_never_reach_redis(redis_server, outbox_url, app_engine
             raise RuntimeError("undo this part")
         q.within(session).enqueue(jobs.noop, job_id="after-savepoints")
     assert queued(client) == ["released-savepoint", "after-savepoints"]
-    assert orders(app_engine) == ["kept"]
+    assert items(app_engine) == ["kept"]
     wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
     replay_once(outbox_url, redis_server.url)
     assert queued(client) == ["released-savepoint", "after-savepoints"]
@@ -178,7 +162,7 @@ def test_redis_down_at_commit_the_commit_succeeds_and_order_is_kept(make_redis, 
     wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
     replay_once(outbox_url, redis_server.url)
     assert queued(client) == ["a", "b", "c", "d"]
-    assert orders(app_engine) == ["a", "b", "c", "d"]
+    assert items(app_engine) == ["a", "b", "c", "d"]
 
 
 def test_lost_reply_at_commit_is_settled_by_the_marker(redis_server, sqlite_url):
@@ -232,7 +216,7 @@ def test_misuse_gets_a_clear_error(redis_server, sqlite_url, tmp_path: Path):
         with pytest.raises(OutboxNotMigrated, match="spillover db upgrade"):
             q.within(session).enqueue(jobs.noop)
         session.commit()
-    assert orders(bare) == ["still mine"]
+    assert items(bare) == ["still mine"]
 
 
 def test_postgres_without_the_table_leaves_the_transaction_usable(redis_server, postgres_server):
@@ -248,7 +232,7 @@ def test_postgres_without_the_table_leaves_the_transaction_usable(redis_server, 
         with pytest.raises(OutboxNotMigrated, match="spillover db upgrade"):
             q.within(session).enqueue(jobs.noop)
         session.commit()  # a failed INSERT would have aborted the whole transaction on Postgres
-    assert orders(engine) == ["mine"]
+    assert items(engine) == ["mine"]
     engine.dispose()
 
 

@@ -19,13 +19,20 @@ QUEUE = "faults"
 
 
 def start_producer(
-    url: str, port: int, name: str, count: int, pace: float = 0.0, progress: Path | None = None
+    url: str,
+    port: int,
+    name: str,
+    count: int,
+    pace: float = 0.0,
+    progress: Path | None = None,
+    script: str = "producer.py",
 ) -> subprocess.Popen[str]:
+    """A producer process: ``producer.py`` enqueues plainly, ``tx_producer.py`` within transactions."""
     env = env_with_tests()
     env["PYTHONPATH"] = f"{FAULTS}:{env['PYTHONPATH']}"
     args = [url, str(port), name, str(count), str(pace), str(progress or "")]
     return subprocess.Popen(
-        [sys.executable, str(FAULTS / "producer.py"), *args],
+        [sys.executable, str(FAULTS / script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -36,10 +43,13 @@ def start_producer(
 class Producers:
     """Producer processes that say how far they are, so faults follow what they have done, not the clock."""
 
-    def __init__(self, workdir: Path, outbox_url: str, port: int, names: list[str], pace: float) -> None:
+    def __init__(
+        self, workdir: Path, outbox_url: str, port: int, names: list[str], pace: float, script: str = "producer.py"
+    ) -> None:
         self.files = {name: workdir / f"{name}.progress" for name in names}
         self.procs = [
-            start_producer(outbox_url, port, name, 1_000_000, pace, progress) for name, progress in self.files.items()
+            start_producer(outbox_url, port, name, 1_000_000, pace, progress, script)
+            for name, progress in self.files.items()
         ]
 
     def progress(self) -> dict[str, tuple[int, int]]:
