@@ -163,6 +163,61 @@ def bench_spill(workdir: Path, n: int, rounds: int, pg: str | None = None) -> No
     row(f"spill enqueue rate, 1 process ({label})", a, b, "jobs/s", raw, ">= 0.9x", True)
 
 
+def bench_transaction(server: RedisServer, workdir: Path, n: int, rounds: int, pg: str | None = None) -> None:
+    """An application transaction (insert one order, commit) with and without a job enqueued within it.
+
+    Then the time from the database commit (the session's first after-commit listener) to
+    the job being in RQ, seen by polling the queue's length from the committing thread.
+    """
+    from orders import Base, Order
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.orm import Session
+
+    url = fresh_outbox(workdir, "transaction", pg)
+    engine = create_engine(url)  # the application's own engine, as it would make it
+    Base.metadata.create_all(engine)
+    conn = server.client()
+    conn.flushdb()
+    q = Queue("tx", connection=conn, outbox=url)
+    committed_at: list[float] = []
+    event.listen(Session, "after_commit", lambda _session: committed_at.append(time.perf_counter()), insert=True)
+
+    row_size = {"target": "bench", "queue": "floor", "job_id": "x" * 36, "job_hash": b"h" * 400, "producer": "bench"}
+
+    def order(i: int, with_job: bool = False, with_raw_row: bool = False) -> None:
+        with Session(engine) as session:
+            session.add(Order(item=f"order {i}"))
+            if with_job:
+                q.within(session).enqueue(jobs.noop, i)
+            if with_raw_row:
+                session.execute(insert(outbox_table), row_size)
+            session.commit()
+
+    order(-1, with_job=True)  # connections, schema check, script loaded
+    times: dict[str, list[float]] = {"job": [], "none": [], "raw": []}
+    for _ in range(rounds):
+        times["job"].append(per_op_us(lambda i: order(i, with_job=True), n))
+        times["none"].append(per_op_us(lambda i: order(i), n))
+        times["raw"].append(per_op_us(lambda i: order(i, with_raw_row=True), n))
+    job, none, raw = (statistics.median(times[key]) for key in ("job", "none", "raw"))
+    label = "Postgres" if pg else "SQLite"
+    row(f"transaction: insert a row + enqueue a job ({label})", job, none, "µs", "without the job", "<= 1.5x", False)
+    row(f"floor: insert a row + a bare job-sized row ({label})", raw, none, "µs", "without that row", "-", False)
+
+    latencies = []
+    for i in range(n):
+        expected = conn.llen("rq:queue:tx") + 1
+        order(i, True)
+        while conn.llen("rq:queue:tx") < expected:
+            pass
+        latencies.append(time.perf_counter() - committed_at[-1])
+    latencies.sort()
+    p50, p99 = (latencies[int(q * (len(latencies) - 1))] * 1000 for q in (0.5, 0.99))
+    ROWS.append((f"commit -> job in RQ, p50 / p99 ({label})", f"{p50:.2f} / {p99:.2f} ms", "-", "-", "milliseconds"))
+    print(f"  commit -> RQ: p50 {p50:.2f} ms, p99 {p99:.2f} ms", flush=True)
+    engine.dispose()
+
+
 PRODUCER = """
 import sys, time, redis
 sys.path.insert(0, sys.argv[4])
@@ -476,6 +531,8 @@ def main() -> None:
             print("spill", flush=True)
             bench_spill(tmp, 1000 if args.quick else 2000, rounds)
             bench_many_producers(tmp, 500 if args.quick else 1000)
+            print("transaction", flush=True)
+            bench_transaction(server, tmp, 300 if args.quick else 1000, rounds)
             print("replay", flush=True)
             rate_20k = bench_replay(server, tmp, 20_000, rounds)
             print("drain", flush=True)
@@ -490,6 +547,7 @@ def main() -> None:
                 print("postgres", flush=True)
                 bench_spill(tmp, 500 if args.quick else 1000, rounds, pg=args.postgres)
                 bench_many_producers(tmp, 300 if args.quick else 500, pg=args.postgres)
+                bench_transaction(server, tmp, 300 if args.quick else 1000, rounds, pg=args.postgres)
                 bench_replay(server, tmp, 20_000, max(1, rounds // 2), pg=args.postgres, label=" (Postgres)")
         finally:
             server.stop()

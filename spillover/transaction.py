@@ -5,10 +5,11 @@ caller's transaction: rolled back, the row never existed; committed, it is as du
 the application's own rows and the replayer delivers it. spillover never begins,
 commits or rolls back that transaction, and writes nothing to Redis before the commit.
 
-A Session does not wait for the replayer: its after-commit hook pushes the committed
-rows into RQ with the replay script, which writes a job and its delivery marker at once
-and skips a job whose marker exists, so a replayer reading the same rows at the same
-moment cannot double them; a sweeper then deletes the rows. The markers stay for their
+A Session does not wait for the replayer: its after-commit hook hands the committed rows
+to a pusher thread, which pushes them into RQ within a millisecond or so with the replay
+script. That script writes a job and its delivery marker at once and skips a job whose
+marker exists, so a replayer reading the same rows at the same moment cannot double
+them; a sweeper then deletes the rows. The markers stay for their
 TTL, as a replayed job's do: a replayer may still hold a row it read before the delete.
 One producer's transactional jobs of a queue keep their commit order by the same sticky
 rule as spilling: once a push fails, later commits leave their rows to the replayer
@@ -17,12 +18,15 @@ until this producer's older rows are in RQ.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -50,7 +54,8 @@ log = logging.getLogger("spillover.transaction")
 before_push: Callable[[], None] | None = None
 
 _INFO_KEY = "spillover.written"  # session.info: rows written in the session's current transaction
-_INSERT = insert(outbox_table).returning(outbox_table.c.id, sort_by_parameter_order=True)
+_INSERT_ONE = insert(outbox_table).returning(outbox_table.c.id)
+_INSERT_MANY = insert(outbox_table).returning(outbox_table.c.id, sort_by_parameter_order=True)
 _lock = threading.Lock()
 _hooks_installed = False
 _checked_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -75,7 +80,7 @@ class DeliveredRows(Sweeper[int]):
         self.outbox.mark_delivered(ids, keep=False)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Written:
     """One job row written in a caller's transaction, waiting for its commit."""
 
@@ -100,10 +105,7 @@ class TransactionalQueue:
         self.bind = _session_or_connection(session_or_connection)
         engine_or_connection = self.bind.get_bind() if isinstance(self.bind, Session) else self.bind
         self._engine_or_connection: Engine | Connection = engine_or_connection
-        self.outbox = _outbox_of(queue, self._engine_or_connection.engine)
-        state_key = (self.outbox.engine.url, server_key(queue.connection), queue.target, queue.name)
-        with _lock:
-            self.state = _states.setdefault(state_key, _SpillState())
+        self.outbox, self.state = _destination(queue, engine_or_connection.engine)
         self._writer = _Writer(self)
 
     def __repr__(self) -> str:
@@ -153,7 +155,10 @@ class TransactionalQueue:
             for row in rows
         ]
         try:
-            ids = list(connection.execute(_INSERT, params).scalars())
+            if len(params) == 1:
+                ids = [connection.execute(_INSERT_ONE, params[0]).scalar_one()]
+            else:
+                ids = list(connection.execute(_INSERT_MANY, params).scalars())
         except DBAPIError as exc:
             if is_missing_table(exc):
                 raise OutboxNotMigrated(outbox_table.name) from exc
@@ -237,12 +242,23 @@ def _session_or_connection(given: Any) -> Session | Connection:
     )
 
 
-def _outbox_of(queue: Queue, engine: Engine) -> Outbox:
-    """spillover's own Outbox on the caller's database: the queue's own outbox when it is that database."""
+def _destination(queue: Queue, engine: Engine) -> tuple[Outbox, _SpillState]:
+    """spillover's own Outbox on the caller's database, and the sticky state of ``queue``'s rows in it.
+
+    The Outbox is the queue's own when ``outbox=`` is that database, else one made from
+    the engine's URL. Remembered per queue and engine: within() runs once per request.
+    """
+    found = queue.__dict__.setdefault("_within_destinations", weakref.WeakKeyDictionary()).get(engine)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
     url = engine.url.render_as_string(hide_password=False)
-    if queue.outbox.engine.url.render_as_string(hide_password=False) == url:
-        return queue.outbox
-    return resolve_outbox(url)
+    same = queue.outbox.engine.url.render_as_string(hide_password=False) == url
+    outbox = queue.outbox if same else resolve_outbox(url)
+    state_key = (outbox.engine.url, server_key(queue.connection), queue.target, queue.name)
+    with _lock:
+        found = (outbox, _states.setdefault(state_key, _SpillState()))
+    queue.__dict__["_within_destinations"][engine] = found
+    return found
 
 
 def _check_schema(connection: Connection) -> None:
@@ -276,8 +292,10 @@ def _after_commit(session: Session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint was released: its rows wait for the outermost commit
     written: list[_Written] | None = session.info.pop(_INFO_KEY, None)
-    if written:
-        push_committed(written)
+    # A session that joined an outer Connection transaction "committed" a savepoint: not yet.
+    committed = [item for item in written or () if not (item.external and item.external.in_transaction())]
+    if committed:
+        _pusher.submit(committed)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -285,15 +303,69 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         session.info.pop(_INFO_KEY, None)  # rolled back or closed uncommitted: those rows never existed
 
 
-def push_committed(written: list[_Written]) -> None:
-    """Push the rows of a commit into RQ, per queue in the order written. Never raises.
+class _Pusher:
+    """One thread per process pushes what sessions commit, in commit order, off the committing thread.
 
-    The commit has happened: an error here must not look to the caller like a failed
-    commit. Whatever is not pushed stays in the outbox for the replayer.
+    A commit returns without waiting on Redis (a stalled Redis never holds a request up),
+    and commits that pile up while one push is in flight go together in the next.
+    """
+
+    #: At exit, how long to wait for the last commits' pushes; the replayer delivers what is left.
+    EXIT_WAIT = 5.0
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._queue: SimpleQueue[list[_Written]] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._unfinished = 0
+        self._idle = threading.Condition()
+
+    def submit(self, written: list[_Written]) -> None:
+        with _lock:
+            if self._pid != os.getpid():
+                self._reset()  # forked: the parent's thread does not exist here
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spillover-pusher", daemon=True)
+                self._thread.start()
+        with self._idle:
+            self._unfinished += 1
+        self._queue.put(written)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until every submitted commit is pushed (or left to the replayer); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            push_committed([item for written in batch for item in written])
+            with self._idle:
+                self._unfinished -= len(batch)
+                self._idle.notify_all()
+
+
+_pusher = _Pusher()
+
+
+@atexit.register
+def _push_before_exit() -> None:
+    if _pusher._pid == os.getpid() and not _pusher.wait_idle(_Pusher.EXIT_WAIT):
+        log.warning("exiting with committed jobs not pushed yet: the replayer will deliver them")
+
+
+def push_committed(written: list[_Written]) -> None:
+    """Push committed rows into RQ, per queue in commit order. Never raises.
+
+    The commits have happened: whatever is not pushed stays in the outbox for the replayer.
     """
     try:
-        # A session that joined an outer Connection transaction "commits" a savepoint: not yet.
-        committed = [item for item in _committed(written) if not (item.external and item.external.in_transaction())]
+        committed = _committed(written)
         by_state: dict[int, list[_Written]] = {}
         for item in committed:
             by_state.setdefault(id(item.state), []).append(item)

@@ -3,7 +3,8 @@
 usage: tx_producer.py DATABASE_URL REDIS_PORT NAME COUNT [PACE_SECONDS] [PROGRESS_FILE]
 Job NAME-000000.. is enqueued within the transaction that inserts order NAME-000000..
 PROGRESS_FILE and the report work as in producer.py, with "spilled" counting the commits
-whose jobs were left in the outbox for the replayer instead of pushed at commit.
+made while this producer leaves its jobs in the outbox (its last push failed) rather than
+pushing them at commit.
 """
 
 import json
