@@ -31,6 +31,7 @@ from .errors import ReplayError
 from .lease import QueueLease, live_leases
 from .outbox import Outbox, OutboxRow
 from .redis_side import PendingPush, ReplayScript, is_outage, probe_write, resolve_target
+from .wakeup import CommitListener
 
 log = logging.getLogger("spillover.replay")
 
@@ -82,6 +83,7 @@ class Replayer:
         self._redis_up: bool | None = None
         self._purged_at = 0.0
         self._retry_pending = False  # a row failed this pass and will be tried again
+        self._commits = CommitListener(outbox.engine)  # idle waits end when rows are committed
         # /healthz: the loop beats at least every poll interval and every batch
         self.heartbeat = Heartbeat(limit=max(30.0, 3 * self.config.poll_interval))
 
@@ -113,8 +115,9 @@ class Replayer:
                     outbox_wait = min(outbox_wait * 2, 5.0)
                     continue
                 if not moved:
-                    self.stopping.wait(self.config.poll_interval)
+                    self._commits.wait(self.config.poll_interval, self.stopping)
         finally:
+            self._commits.close()
             self.release_leases()
 
     def run_once(self, lease_wait: float | None = None) -> ReplayStats:

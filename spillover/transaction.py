@@ -44,6 +44,7 @@ from .redis_side import is_ambiguous, is_outage, server_key
 from .schema import outbox as outbox_table
 from .stored_job import SpilledJob
 from .sweeper import Sweeper
+from .wakeup import notify_on_commit
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -54,6 +55,7 @@ log = logging.getLogger("spillover.transaction")
 before_push: Callable[[], None] | None = None
 
 _INFO_KEY = "spillover.written"  # session.info: rows written in the session's current transaction
+_NOTIFIED_KEY = "spillover.notified"  # connection.info: the transaction that will wake the replayer
 _INSERT_ONE = insert(outbox_table).returning(outbox_table.c.id)
 _INSERT_MANY = insert(outbox_table).returning(outbox_table.c.id, sort_by_parameter_order=True)
 _lock = threading.Lock()
@@ -165,7 +167,13 @@ class TransactionalQueue:
             raise
         metrics.ENQUEUED.labels(self.queue.name, metrics.TRANSACTION).inc(len(rows))
         if not isinstance(self.bind, Session):
-            return  # a bare Connection has no after-commit hook: the replayer delivers these
+            # A bare Connection has no after-commit hook: the replayer delivers these, woken
+            # by the commit on Postgres. Once per transaction: Postgres folds repeats anyway.
+            transaction = connection.get_transaction()
+            if connection.info.get(_NOTIFIED_KEY) is not transaction:
+                notify_on_commit(connection)
+                connection.info[_NOTIFIED_KEY] = transaction
+            return
         external = self._engine_or_connection if isinstance(self._engine_or_connection, Connection) else None
         written = self.bind.info.setdefault(_INFO_KEY, [])
         written.extend(

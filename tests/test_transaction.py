@@ -6,6 +6,8 @@ real redis-servers and real RQ workers take the jobs.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,9 @@ import pytest
 import redis
 import rq
 from forms import FORMS, depends_on_unfinished
-from helpers import replay_once, run_worker, snapshot, wait_for
+from helpers import env_with_tests, replay_once, run_worker, snapshot, wait_for
 from orders import Base, Order, items
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
 from spillover import ConfigurationError, NotInTransaction, Outbox, OutboxNotMigrated, Queue, transaction, was_spilled
@@ -265,3 +267,37 @@ def test_many_jobs_in_one_transaction_keep_their_order(redis_server, outbox_url,
     with Session(app_engine) as session:
         count = session.scalar(select(func.count()).select_from(Order))
     assert count == 1
+
+
+def listening(engine: Engine) -> bool:
+    with engine.connect() as conn:  # a fresh transaction: statistics views are snapshots per transaction
+        query = "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN spillover_outbox'"
+        return conn.scalar(text(query)) == 1
+
+
+def test_a_connection_commit_wakes_a_listening_replayer_on_postgres(redis_server, postgres_server):
+    from servers import create_database
+
+    from spillover import migrate
+
+    url = create_database(postgres_server)
+    migrate.upgrade(url)
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    client = redis_server.client()
+    command = [sys.executable, "-m", "spillover.cli_replay", "--database-url", url, "--redis-url", redis_server.url]
+    replayer = subprocess.Popen([*command, "--poll-interval", "60"], env=env_with_tests(), stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: listening(engine), timeout=30)  # the replayer has drained nothing and now LISTENs
+        q = Queue("orders", connection=client, outbox=url)
+        with engine.begin() as conn:
+            conn.execute(Order.__table__.insert().values(item="pen"))
+            q.within(conn).enqueue(jobs.noop, job_id="woken")
+            q.within(conn).enqueue(jobs.noop, job_id="woken-too")
+        committed = time.monotonic()
+        wait_for(lambda: queued(client) == ["woken", "woken-too"], timeout=30, interval=0.005)
+        assert time.monotonic() - committed < 5, "delivered on the commit's notification, not the 60 s poll"
+    finally:
+        replayer.terminate()
+        assert replayer.wait(20) == 0, replayer.stderr.read().decode()[-3000:] if replayer.stderr else ""
+    engine.dispose()
