@@ -308,6 +308,17 @@ class Outbox:
         params = (producer_id(), target, queue, limit)
         return self._raw(lambda cursor: _fetch(cursor, sql, params), sql, write=False, single_statement=True)
 
+    def present(self, ids: Sequence[int]) -> set[tuple[int, str]]:
+        """(id, job_id) of the rows among ``ids`` this connection can read: committed ones."""
+        sql = _PRESENT_SQL[self._is_sqlite]
+        params = (_id_list(ids, self._is_sqlite),)
+
+        def read(cursor: Any) -> set[tuple[int, str]]:
+            cursor.execute(sql, params)
+            return {(int(row_id), job_id) for row_id, job_id in cursor.fetchall()}
+
+        return self._raw(read, sql, write=False, single_statement=True)
+
     # -- replayer side -------------------------------------------------------------
 
     def pending_by_target(self) -> dict[str, dict[str, int]]:
@@ -476,6 +487,10 @@ def _insert_many_sql(rows: int) -> str:
     return f"INSERT INTO spillover_outbox ({_INSERT_COLUMNS}) VALUES {values} RETURNING id"
 
 
+_PRESENT_SQL = {
+    True: "SELECT id, job_id FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?))",
+    False: "SELECT id, job_id FROM spillover_outbox WHERE id = ANY(%s)",
+}
 _DELETE_SQL = {
     True: "DELETE FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?))",
     False: "DELETE FROM spillover_outbox WHERE id = ANY(%s)",

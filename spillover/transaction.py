@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from rq.job import Job
 from rq.queue import EnqueueData
-from sqlalchemy import Connection, Engine, event, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, event, insert, inspect, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
@@ -91,8 +91,6 @@ class _Written:
     state: _SpillState
     row: SpilledJob
     row_id: int
-    in_savepoint: bool  # a savepoint rolled back may have taken it away: check before pushing
-    external: Connection | None  # the session joined this Connection's transaction: it commits later
 
 
 class TransactionalQueue:
@@ -140,7 +138,7 @@ class TransactionalQueue:
 
     def write(self, rows: list[SpilledJob]) -> None:
         """Insert ``rows`` through the caller's connection, in its transaction; remember them for the commit."""
-        connection, in_savepoint = self._connection()
+        connection = self._connection()
         _check_schema(connection)
         self.outbox.reserve_backlog(len(rows))
         producer = producer_id()
@@ -174,24 +172,21 @@ class TransactionalQueue:
                 notify_on_commit(connection)
                 connection.info[_NOTIFIED_KEY] = transaction
             return
-        external = self._engine_or_connection if isinstance(self._engine_or_connection, Connection) else None
         written = self.bind.info.setdefault(_INFO_KEY, [])
         written.extend(
-            _Written(self.queue, self.outbox, self.state, row, row_id, in_savepoint, external)
-            for row, row_id in zip(rows, ids, strict=True)
+            _Written(self.queue, self.outbox, self.state, row, row_id) for row, row_id in zip(rows, ids, strict=True)
         )
 
-    def _connection(self) -> tuple[Connection, bool]:
-        """The caller's connection and whether a savepoint is open; NotInTransaction if no transaction is."""
+    def _connection(self) -> Connection:
+        """The caller's connection; NotInTransaction if no transaction is open on it."""
         bind = self.bind
         if isinstance(bind, Session):
             if not bind.in_transaction():
                 raise NotInTransaction("Session")
-            connection = bind.connection(bind_arguments={"bind": self._engine_or_connection})
-            return connection, bind.in_nested_transaction()
+            return bind.connection(bind_arguments={"bind": self._engine_or_connection})
         if bind.closed or not bind.in_transaction():
             raise NotInTransaction("Connection")
-        return bind, bind.in_nested_transaction()
+        return bind
 
 
 class _Writer(Queue):
@@ -300,10 +295,8 @@ def _after_commit(session: Session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint was released: its rows wait for the outermost commit
     written: list[_Written] | None = session.info.pop(_INFO_KEY, None)
-    # A session that joined an outer Connection transaction "committed" a savepoint: not yet.
-    committed = [item for item in written or () if not (item.external and item.external.in_transaction())]
-    if committed:
-        _pusher.submit(committed)
+    if written:
+        _pusher.submit(written)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
@@ -384,21 +377,22 @@ def push_committed(written: list[_Written]) -> None:
 
 
 def _committed(written: list[_Written]) -> list[_Written]:
-    """Drop rows a rolled-back savepoint took away (SQLite may even give their ids to later rows)."""
+    """The rows that are committed, read back through spillover's own connection.
+
+    The session's word is not enough: a savepoint rolled back (SQLAlchemy's or raw SQL)
+    takes rows away, SQLite may even give their ids to later rows, and a session that
+    joined an outer transaction "commits" while the database has not. A row another
+    connection can read is committed: only those are pushed; the rest the replayer
+    finds if and when they commit.
+    """
     latest: dict[tuple[int, int], _Written] = {}
     for item in written:
-        latest[(id(item.outbox), item.row_id)] = item  # a reused id: only the later row exists
-    kept = list(latest.values())
-    doubtful = [item for item in kept if item.in_savepoint]
-    if not doubtful:
-        return kept
+        latest[(id(item.outbox), item.row_id)] = item  # a reused id: only the later row can exist
     exists: set[tuple[int, int, str]] = set()
-    for outbox in {id(item.outbox): item.outbox for item in doubtful}.values():
-        ids = [item.row_id for item in doubtful if item.outbox is outbox]
-        query = select(outbox_table.c.id, outbox_table.c.job_id).where(outbox_table.c.id.in_(ids))
-        with outbox.engine.connect() as conn:
-            exists.update((id(outbox), row_id, job_id) for row_id, job_id in conn.execute(query))
-    return [item for item in kept if not item.in_savepoint or (id(item.outbox), item.row_id, item.row.job_id) in exists]
+    for outbox in {id(item.outbox): item.outbox for item in written}.values():
+        ids = [row_id for key, row_id in latest if key == id(outbox)]
+        exists.update((id(outbox), row_id, job_id) for row_id, job_id in outbox.present(ids))
+    return [item for item in latest.values() if (id(item.outbox), item.row_id, item.row.job_id) in exists]
 
 
 def _push(items: list[_Written]) -> None:

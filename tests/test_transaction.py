@@ -96,6 +96,35 @@ def test_rolled_back_jobs_never_reach_redis(redis_server, outbox_url, app_engine
     assert not client.exists("rq:job:rolled-back", "rq:job:raised", "rq:job:abandoned", "rq:job:rolled-back-savepoint")
 
 
+def test_only_rows_the_database_committed_are_pushed(redis_server, outbox_url, app_engine):
+    client = redis_server.client()
+    q = Queue("orders", connection=client, outbox=outbox_url)
+    with app_engine.connect() as conn:  # a Session joined to an outer transaction, as test fixtures do
+        outer = conn.begin()
+        with Session(bind=conn, join_transaction_mode="create_savepoint") as session:
+            session.add(Order(item="joined"))
+            q.within(session).enqueue(jobs.noop, job_id="joined")
+            session.commit()  # releases a savepoint
+        pushed()
+        # Postgres has committed nothing yet. pysqlite, in its default transaction handling, issued
+        # no BEGIN for the outer transaction: the SAVEPOINT began one, and its RELEASE committed it.
+        assert ("joined" in queued(client)) == ("joined" in items(app_engine))
+        outer.rollback()
+    with Session(app_engine) as session, session.begin():  # a savepoint in raw SQL
+        session.add(Order(item="kept"))
+        session.execute(text("SAVEPOINT raw"))
+        q.within(session).enqueue(jobs.noop, job_id="raw-savepoint")
+        session.execute(text("ROLLBACK TO SAVEPOINT raw"))
+        q.within(session).enqueue(jobs.noop, job_id="kept")  # on SQLite: the rolled-back row's id again
+    pushed()
+    wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
+    replay_once(outbox_url, redis_server.url)
+    assert queued(client) == items(app_engine), "a job for each committed order, and no other"
+    assert "kept" in queued(client) and "raw-savepoint" not in queued(client)
+    if "postgresql" in outbox_url:
+        assert queued(client) == ["kept"]
+
+
 def test_a_connection_commit_is_delivered_by_the_replayer(redis_server, outbox_url, app_engine):
     client = redis_server.client()
     q = Queue("orders", connection=client, outbox=outbox_url)

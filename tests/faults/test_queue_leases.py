@@ -122,8 +122,11 @@ def test_stalled_holder_woken_past_its_lease_with_a_batch_in_hand(redis_server, 
     stop(standby)
     err = stop(stalled)
     assert_each_once_in_order(client, made)
+    # Its stale batch reached Redis and every job of it was suppressed by its marker. If the standby
+    # had drained the queue and given the lease back by then, the woken holder takes the lease again
+    # and may push the next rows it read during the takeover too: suppressed as well.
     suppressed = sum(int(n) for n in re.findall(r"(\d+) job\(s\) already in redis", err))
-    assert suppressed == 100, f"the stale batch reached Redis and was suppressed by its markers: {err[-2000:]}"
+    assert suppressed >= 100, f"the stale batch reached Redis and was suppressed by its markers: {err[-2000:]}"
 
 
 def start_stalling_replayer(url: str, redis_url: str):
