@@ -184,7 +184,9 @@ def bench_transaction(server: RedisServer, workdir: Path, n: int, rounds: int, p
 
     row_size = {"target": "bench", "queue": "floor", "job_id": "x" * 36, "job_hash": b"h" * 400, "producer": "bench"}
 
-    def order(i: int, with_job: bool = False, with_raw_row: bool = False) -> None:
+    plain = rq.Queue("plain-after-commit", connection=conn)
+
+    def order(i: int, with_job: bool = False, with_raw_row: bool = False, rq_after: bool = False) -> None:
         with Session(engine) as session:
             session.add(Order(item=f"order {i}"))
             if with_job:
@@ -192,17 +194,21 @@ def bench_transaction(server: RedisServer, workdir: Path, n: int, rounds: int, p
             if with_raw_row:
                 session.execute(insert(outbox_table), row_size)
             session.commit()
+        if rq_after:  # the usual "enqueue after commit": lost if the process dies or Redis is down
+            plain.enqueue(jobs.noop, i)
 
     order(-1, with_job=True)  # connections, schema check, script loaded
-    times: dict[str, list[float]] = {"job": [], "none": [], "raw": []}
+    times: dict[str, list[float]] = {"job": [], "none": [], "raw": [], "rq": []}
     for _ in range(rounds):
         times["job"].append(per_op_us(lambda i: order(i, with_job=True), n))
         times["none"].append(per_op_us(lambda i: order(i), n))
         times["raw"].append(per_op_us(lambda i: order(i, with_raw_row=True), n))
-    job, none, raw = (statistics.median(times[key]) for key in ("job", "none", "raw"))
+        times["rq"].append(per_op_us(lambda i: order(i, rq_after=True), n))
+    job, none, raw, after = (statistics.median(times[key]) for key in ("job", "none", "raw", "rq"))
     label = "Postgres" if pg else "SQLite"
     row(f"transaction: insert a row + enqueue a job ({label})", job, none, "µs", "without the job", "<= 1.5x", False)
     row(f"floor: insert a row + a bare job-sized row ({label})", raw, none, "µs", "without that row", "-", False)
+    row(f"insert a row + enqueue within it ({label})", job, after, "µs", "rq.enqueue after commit", "-", False)
 
     latencies = []
     for i in range(n):

@@ -367,13 +367,22 @@ def push_committed(written: list[_Written]) -> None:
     """
     try:
         committed = _committed(written)
-        by_state: dict[int, list[_Written]] = {}
-        for item in committed:
-            by_state.setdefault(id(item.state), []).append(item)
-        for items in by_state.values():
+    except Exception as exc:  # the outbox database cannot say which rows committed
+        log.warning("could not read committed jobs back (%r); the replayer will deliver them", exc)
+        for item in written:
+            with item.state.lock:
+                item.state.spilling = True  # the next commits' jobs wait behind these
+        return
+    by_state: dict[int, list[_Written]] = {}
+    for item in committed:
+        by_state.setdefault(id(item.state), []).append(item)
+    for items in by_state.values():
+        try:
             _push(items)
-    except Exception:
-        log.exception("pushing committed jobs failed; the replayer will deliver them")
+        except Exception:
+            log.exception("pushing committed jobs failed; the replayer will deliver them")
+            with items[0].state.lock:
+                items[0].state.spilling = True
 
 
 def _committed(written: list[_Written]) -> list[_Written]:
