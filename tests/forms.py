@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import jobs
-from rq import Callback, Retry
+from helpers import snapshot
+from rq import Callback, Queue, Retry
 from rq.job import Dependency
 
 AT = datetime(2031, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -87,3 +88,22 @@ FORMS: dict[str, Callable[[Any], None]] = {
         depends_on_missing,
     )
 }
+
+
+def run_natively(form_name: str, native: Any, ours: Any) -> None:
+    """Run the form on plain RQ into ``native``; a queued parent job in both where the form needs one."""
+    form = FORMS[form_name]
+    if form is depends_on_unfinished:
+        for client in (native, ours):
+            Queue("q", connection=client).enqueue(jobs.noop, job_id="parent")
+    form(Queue("q", connection=native))
+
+
+def assert_same_as_native(form_name: str, ours: Any, native: Any) -> None:
+    """Redis after our enqueue equals Redis after RQ's, key by key; ``enqueue_in`` scores a moment apart."""
+    relative = form_name == "enqueue_in"
+    assert snapshot(ours, relative_schedule=relative) == snapshot(native, relative_schedule=relative)
+    if relative:  # scheduled 3650 days from two moments a little apart
+        [(_, ours_at)] = ours.zrange("rq:scheduled:q", 0, -1, withscores=True)
+        [(_, native_at)] = native.zrange("rq:scheduled:q", 0, -1, withscores=True)
+        assert 0 <= ours_at - native_at <= 60

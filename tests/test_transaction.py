@@ -15,8 +15,7 @@ from pathlib import Path
 import jobs
 import pytest
 import redis
-import rq
-from forms import FORMS, depends_on_unfinished
+from forms import FORMS, assert_same_as_native, run_natively
 from helpers import env_with_tests, replay_once, run_worker, snapshot, wait_for
 from orders import Base, Order, items
 from sqlalchemy import Engine, create_engine, func, select, text
@@ -145,25 +144,15 @@ def test_a_connection_commit_is_delivered_by_the_replayer(redis_server, outbox_u
 
 @pytest.mark.parametrize("form_name", sorted(FORMS))
 def test_every_form_within_a_transaction_equals_native_rq(form_name, redis_server, sqlite_url):
-    form = FORMS[form_name]
     native, ours = redis_server.client(db=1), redis_server.client(db=0)
-    if form is depends_on_unfinished:
-        for client in (native, ours):
-            rq.Queue("q", connection=client).enqueue(jobs.noop, job_id="parent")
-    form(rq.Queue("q", connection=native))
-    engine = create_engine(sqlite_url)
+    run_natively(form_name, native, ours)
     before = snapshot(ours, keep_markers=True)
-    with Session(engine) as session, session.begin():
+    with Session(create_engine(sqlite_url)) as session, session.begin():
         session.connection()  # the transaction is open
-        form(Queue("q", connection=ours, outbox=sqlite_url).within(session))
+        FORMS[form_name](Queue("q", connection=ours, outbox=sqlite_url).within(session))
         assert snapshot(ours, keep_markers=True) == before, "nothing reaches Redis before the commit"
     pushed()
-    relative = form_name == "enqueue_in"
-    assert snapshot(ours, relative_schedule=relative) == snapshot(native, relative_schedule=relative)
-    if relative:
-        [(_, ours_at)] = ours.zrange("rq:scheduled:q", 0, -1, withscores=True)
-        [(_, native_at)] = native.zrange("rq:scheduled:q", 0, -1, withscores=True)
-        assert 0 <= ours_at - native_at <= 60
+    assert_same_as_native(form_name, ours, native)
 
 
 def test_plain_enqueues_are_not_held_back_by_an_open_transaction(redis_server, sqlite_url):
