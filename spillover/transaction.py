@@ -326,8 +326,6 @@ class _Pusher:
 
     def submit(self, written: list[_Written]) -> None:
         with _lock:
-            if self._pid != os.getpid():
-                self._reset()  # forked: the parent's thread does not exist here
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="spillover-pusher", daemon=True)
                 self._thread.start()
@@ -352,6 +350,19 @@ class _Pusher:
 
 
 _pusher = _Pusher()
+
+
+def _reset_after_fork() -> None:
+    """Locks held by another thread at fork time would never be released in the child."""
+    global _lock
+    _lock = threading.Lock()
+    for state in _states.values():
+        state.lock = threading.Lock()
+    _pusher._reset()  # the parent's pusher thread and queue are not the child's
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 @atexit.register

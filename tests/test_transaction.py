@@ -319,3 +319,36 @@ def test_a_connection_commit_wakes_a_listening_replayer_on_postgres(redis_server
         replayer.terminate()
         assert replayer.wait(20) == 0, replayer.stderr.read().decode()[-3000:] if replayer.stderr else ""
     engine.dispose()
+
+
+def test_forked_children_commit_with_a_queue_made_before_the_fork(redis_server, sqlite_url):
+    import multiprocessing
+
+    engine = create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    q = Queue("orders", connection=redis_server.client(), outbox=sqlite_url)
+    with Session(engine) as session, session.begin():  # the pusher thread runs before the fork
+        session.add(Order(item="parent"))
+        q.within(session).enqueue(jobs.noop, job_id="parent")
+    pushed()
+    engine.dispose()
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_child_commits, args=(q, sqlite_url, n)) for n in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    expected = ["parent"] + [f"c{n}-{i}" for n in range(4) for i in range(20)]
+    assert sorted(queued(redis_server.client())) == sorted(expected), "each child pushed its own commits"
+    assert sorted(items(engine)) == sorted(expected)
+
+
+def _child_commits(q: Queue, url: str, n: int) -> None:
+    engine = create_engine(url, connect_args={"timeout": 30})
+    for i in range(20):
+        with Session(engine) as session, session.begin():
+            session.add(Order(item=f"c{n}-{i}"))
+            q.within(session).enqueue(jobs.noop, job_id=f"c{n}-{i}")
+    if not transaction._pusher.wait_idle(30):
+        raise SystemExit(1)
