@@ -5,11 +5,12 @@ caller's transaction: rolled back, the row never existed; committed, it is as du
 the application's own rows and the replayer delivers it. spillover never begins,
 commits or rolls back that transaction, and writes nothing to Redis before the commit.
 
-A Session does not wait for the replayer: its after-commit hook hands the committed rows
-to a pusher thread, which pushes them into RQ within a millisecond or so with the replay
-script. That script writes a job and its delivery marker at once and skips a job whose
-marker exists, so a replayer reading the same rows at the same moment cannot double
-them; a sweeper then deletes the rows. The markers stay for their
+A Session does not wait for the replayer: its after-commit hook reads the rows back
+(only committed rows are visible to another connection) and pushes them into RQ with
+the replay script, so the job is in RQ when ``commit()`` returns. That script writes a
+job and its delivery marker at once and skips a job whose marker exists, so a replayer
+reading the same rows at the same moment cannot double them; a sweeper then deletes
+the rows. Redis down costs the commit one bounded attempt, then the breaker skips it. The markers stay for their
 TTL, as a replayed job's do: a replayer may still hold a row it read before the delete.
 One producer's transactional jobs of a queue keep their commit order by the same sticky
 rule as spilling: once a push fails, later commits leave their rows to the replayer
@@ -18,7 +19,6 @@ until this producer's older rows are in RQ.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
@@ -26,7 +26,6 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -296,60 +295,12 @@ def _after_commit(session: Session) -> None:
         return  # a savepoint was released: its rows wait for the outermost commit
     written: list[_Written] | None = session.info.pop(_INFO_KEY, None)
     if written:
-        _pusher.submit(written)
+        push_committed(written)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(_INFO_KEY, None)  # rolled back or closed uncommitted: those rows never existed
-
-
-class _Pusher:
-    """One thread per process pushes what sessions commit, in commit order, off the committing thread.
-
-    A commit returns without waiting on Redis (a stalled Redis never holds a request up),
-    and commits that pile up while one push is in flight go together in the next.
-    """
-
-    #: At exit, how long to wait for the last commits' pushes; the replayer delivers what is left.
-    EXIT_WAIT = 5.0
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._queue: SimpleQueue[list[_Written]] = SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._unfinished = 0
-        self._idle = threading.Condition()
-
-    def submit(self, written: list[_Written]) -> None:
-        with _lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="spillover-pusher", daemon=True)
-                self._thread.start()
-        with self._idle:
-            self._unfinished += 1
-        self._queue.put(written)
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Until every submitted commit is pushed (or left to the replayer); False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get())
-            push_committed([item for written in batch for item in written])
-            with self._idle:
-                self._unfinished -= len(batch)
-                self._idle.notify_all()
-
-
-_pusher = _Pusher()
 
 
 def _reset_after_fork() -> None:
@@ -358,23 +309,17 @@ def _reset_after_fork() -> None:
     _lock = threading.Lock()
     for state in _states.values():
         state.lock = threading.Lock()
-    _pusher._reset()  # the parent's pusher thread and queue are not the child's
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-@atexit.register
-def _push_before_exit() -> None:
-    if _pusher._pid == os.getpid() and not _pusher.wait_idle(_Pusher.EXIT_WAIT):
-        log.warning("exiting with committed jobs not pushed yet: the replayer will deliver them")
-
-
 def push_committed(written: list[_Written]) -> None:
-    """Push committed rows into RQ, per queue in commit order. Never raises.
+    """Push a commit's rows into RQ, per queue in the order written. Never raises.
 
-    The commits have happened: whatever is not pushed stays in the outbox for the replayer.
+    It runs inside ``commit()``, after the database commit: an error here must not look
+    to the caller like a failed commit. Whatever is not pushed stays for the replayer.
     """
     try:
         committed = _committed(written)

@@ -21,7 +21,7 @@ from orders import Base, Order, items
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
-from spillover import ConfigurationError, NotInTransaction, Outbox, OutboxNotMigrated, Queue, transaction, was_spilled
+from spillover import ConfigurationError, NotInTransaction, Outbox, OutboxNotMigrated, Queue, was_spilled
 from spillover.faultproxy import FaultProxy
 from spillover.settings import MARKER_PREFIX
 
@@ -32,11 +32,6 @@ def app_engine(outbox_url: str) -> Iterator[Engine]:
     Base.metadata.create_all(engine)
     yield engine
     engine.dispose()
-
-
-def pushed() -> None:
-    """Until the producer's pusher thread has pushed (or left to the replayer) every commit so far."""
-    assert transaction._pusher.wait_idle(10), "committed jobs not pushed within 10 s"
 
 
 def queued(client, queue: str = "orders") -> list[str]:
@@ -54,9 +49,7 @@ def test_committed_job_is_in_rq_when_commit_returns_and_its_worker_finds_the_row
         assert job.id == "receipt" and not was_spilled(job)
         assert snapshot(client, keep_markers=True) == {}, "nothing of the job in Redis before the commit"
         session.commit()
-        committed = time.perf_counter()
-    wait_for(lambda: queued(client) == ["receipt"], timeout=10, interval=0.0005)
-    assert time.perf_counter() - committed < 1.0, "in RQ right after the commit, with no replayer"
+        assert queued(client) == ["receipt"], "in RQ when commit() returns, with no replayer"
     run_worker(redis_server.url, "orders")
     assert client.lrange("executed", 0, -1) == [b"book"], "the worker saw the row its transaction inserted"
     wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)  # the producer deletes its rows
@@ -86,7 +79,6 @@ def test_rolled_back_jobs_never_reach_redis(redis_server, outbox_url, app_engine
             q.within(session).enqueue(jobs.noop, job_id="rolled-back-savepoint")
             raise RuntimeError("undo this part")
         q.within(session).enqueue(jobs.noop, job_id="after-savepoints")
-    pushed()
     assert queued(client) == ["released-savepoint", "after-savepoints"]
     assert items(app_engine) == ["kept"]
     wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
@@ -104,7 +96,6 @@ def test_only_rows_the_database_committed_are_pushed(redis_server, outbox_url, a
             session.add(Order(item="joined"))
             q.within(session).enqueue(jobs.noop, job_id="joined")
             session.commit()  # releases a savepoint
-        pushed()
         # Postgres has committed nothing yet. pysqlite, in its default transaction handling, issued
         # no BEGIN for the outer transaction: the SAVEPOINT began one, and its RELEASE committed it.
         assert ("joined" in queued(client)) == ("joined" in items(app_engine))
@@ -115,7 +106,6 @@ def test_only_rows_the_database_committed_are_pushed(redis_server, outbox_url, a
         q.within(session).enqueue(jobs.noop, job_id="raw-savepoint")
         session.execute(text("ROLLBACK TO SAVEPOINT raw"))
         q.within(session).enqueue(jobs.noop, job_id="kept")  # on SQLite: the rolled-back row's id again
-    pushed()
     wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
     replay_once(outbox_url, redis_server.url)
     assert queued(client) == items(app_engine), "a job for each committed order, and no other"
@@ -134,7 +124,6 @@ def test_a_connection_commit_is_delivered_by_the_replayer(redis_server, outbox_u
         with conn.begin() as transaction:
             q.within(conn).enqueue(jobs.noop, job_id="connection-rolled-back")
             transaction.rollback()
-    pushed()
     assert queued(client) == [] and Outbox(outbox_url).pending_count("orders") == 1
     replay_once(outbox_url, redis_server.url)
     assert queued(client) == ["via-connection"]
@@ -151,7 +140,6 @@ def test_every_form_within_a_transaction_equals_native_rq(form_name, redis_serve
         session.connection()  # the transaction is open
         FORMS[form_name](Queue("q", connection=ours, outbox=sqlite_url).within(session))
         assert snapshot(ours, keep_markers=True) == before, "nothing reaches Redis before the commit"
-    pushed()
     assert_same_as_native(form_name, ours, native)
 
 
@@ -163,7 +151,6 @@ def test_plain_enqueues_are_not_held_back_by_an_open_transaction(redis_server, s
         q.within(session).enqueue(jobs.noop, job_id="in-transaction")
         plain = q.enqueue(jobs.noop, job_id="plain")
         assert not was_spilled(plain) and queued(client) == ["plain"]
-    pushed()
     assert queued(client) == ["plain", "in-transaction"]
 
 
@@ -181,17 +168,14 @@ def test_redis_down_at_commit_the_commit_succeeds_and_order_is_kept(make_redis, 
             return time.perf_counter() - started
 
     commit("a")
-    pushed()
     redis_server.kill()
-    assert commit("b") < 0.5, "a commit never waits on Redis"
+    assert commit("b") < 1.0, "a dead Redis costs a commit one bounded attempt at most"
     commit("c")
-    pushed()
     # both wait in the outbox (a's row, pushed, is deleted in the background)
     wait_for(lambda: Outbox(outbox_url).pending_count("orders") == 2, timeout=5)
     redis_server.start()
     wait_for(lambda: q.health.is_up, timeout=10)
     commit("d")  # this producer's own b and c go first, then d: never d before them
-    pushed()
     assert queued(client) == ["a", "b", "c", "d"]
     wait_for(lambda: Outbox(outbox_url).pending_count() == 0, timeout=5)
     replay_once(outbox_url, redis_server.url)
@@ -209,7 +193,6 @@ def test_lost_reply_at_commit_is_settled_by_the_marker(redis_server, sqlite_url)
     with Session(engine) as session, session.begin():
         session.add(Order(item="x"))
         q.within(session).enqueue(jobs.noop, job_id="landed")
-    pushed()
     client = redis_server.client()
     assert client.exists(MARKER_PREFIX + "landed"), "the push landed with its marker; its reply was lost"
     assert Outbox(sqlite_url).pending_count("orders") == 1
@@ -280,7 +263,6 @@ def test_many_jobs_in_one_transaction_keep_their_order(redis_server, outbox_url,
         for i in range(50):
             tx.enqueue(jobs.noop, job_id=f"one-{i:02d}")
         tx.enqueue_many([tx.prepare_data(jobs.noop, job_id=f"many-{i:02d}") for i in range(50)])
-    pushed()
     assert queued(client) == [f"one-{i:02d}" for i in range(50)] + [f"many-{i:02d}" for i in range(50)]
     with Session(app_engine) as session:
         count = session.scalar(select(func.count()).select_from(Order))
@@ -330,7 +312,6 @@ def test_forked_children_commit_with_a_queue_made_before_the_fork(redis_server, 
     with Session(engine) as session, session.begin():  # the pusher thread runs before the fork
         session.add(Order(item="parent"))
         q.within(session).enqueue(jobs.noop, job_id="parent")
-    pushed()
     engine.dispose()
     ctx = multiprocessing.get_context("fork")
     children = [ctx.Process(target=_child_commits, args=(q, sqlite_url, n)) for n in range(4)]
@@ -350,5 +331,3 @@ def _child_commits(q: Queue, url: str, n: int) -> None:
         with Session(engine) as session, session.begin():
             session.add(Order(item=f"c{n}-{i}"))
             q.within(session).enqueue(jobs.noop, job_id=f"c{n}-{i}")
-    if not transaction._pusher.wait_idle(30):
-        raise SystemExit(1)

@@ -1,8 +1,8 @@
 """Commit one order and its job, then stop between the commit and the push (for a SIGKILL there).
 
 usage: tx_stop_before_push.py DATABASE_URL REDIS_PORT FLAG_FILE
-The pusher thread writes FLAG_FILE when it is about to push the committed job, and
-stops there; the process waits to be killed.
+The commit's after-commit hook writes FLAG_FILE when it is about to push the committed
+job, and stops there, waiting to be killed.
 """
 
 import sys
@@ -33,4 +33,4 @@ with Session(create_engine(url)) as session:
     session.flush()
     queue.within(session).enqueue(jobs.read_order, url, order.id, job_id="receipt")
     session.commit()
-time.sleep(3600)
+raise SystemExit("the hook should have stopped this process before its push")
