@@ -240,12 +240,11 @@ class Outbox:
         ``single_statement``: ``work`` runs one statement, which on Postgres runs in
         autocommit as its own transaction (one round trip instead of three).
         """
-        autocommit = single_statement and not self._is_sqlite
         try:
             try:
-                return self._run_raw(work, write, autocommit)
+                return self._run_raw(work, write, single_statement)
             except _StaleConnection:
-                return self._run_raw(work, write, autocommit)  # the server restarted since it was pooled
+                return self._run_raw(work, write, single_statement)  # the server restarted since it was pooled
         except _StaleConnection as stale:
             error: Exception = stale.error
         except self._dbapi_error as exc:
@@ -255,13 +254,16 @@ class Outbox:
             raise OutboxNotMigrated(outbox.name) from wrapped
         raise wrapped from error
 
-    def _run_raw(self, work: Callable[[Any], T], write: bool, autocommit: bool) -> T:
+    def _run_raw(self, work: Callable[[Any], T], write: bool, single_statement: bool) -> T:
+        # Postgres: one statement runs in autocommit. SQLite (its connections are in autocommit
+        # already): one read statement is its own transaction; writes BEGIN IMMEDIATE (see above).
+        autocommit = single_statement and not self._is_sqlite
         raw = self.engine.raw_connection()
         try:
             if autocommit:
                 raw.dbapi_connection.autocommit = True  # type: ignore[union-attr]
             cursor = raw.cursor()
-            if self._is_sqlite:
+            if self._is_sqlite and (write or not single_statement):
                 cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
             result = work(cursor)
             raw.commit()
