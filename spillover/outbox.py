@@ -361,6 +361,12 @@ class Outbox:
         sql = _DELETE_SQL[self._is_sqlite]
         self._raw(lambda cursor: cursor.execute(sql, (_id_list(ids, self._is_sqlite),)), sql, single_statement=True)
 
+    def mark_ambiguous(self, ids: Sequence[int]) -> None:
+        """These rows may be in Redis already (a push whose reply was lost): past the marker TTL
+        the replayer must not push them blindly."""
+        with self._transaction() as conn:
+            conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(ambiguous=True))
+
     def record_failure(self, row_id: int, error: str, max_attempts: int) -> bool:
         """Count a failed replay of one row; mark it dead after ``max_attempts``. True if dead."""
         with self._transaction() as conn:

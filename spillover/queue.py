@@ -27,9 +27,8 @@ from redis.client import Pipeline
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.utils import now
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, scoped_session
 
 from . import metrics, settings
 from .errors import OutboxUnavailable
@@ -49,6 +48,9 @@ from .redis_side import (
 from .stored_job import SpilledJob, encode_hash, schedule_timestamp
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+    from sqlalchemy.orm import Session, scoped_session
+
     from .transaction import TransactionalQueue
 
 log = logging.getLogger("spillover.queue")

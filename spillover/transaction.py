@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from rq.job import Job
 from rq.queue import EnqueueData
-from sqlalchemy import Connection, Engine, event, insert, inspect, update
+from sqlalchemy import Connection, Engine, event, insert, inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
@@ -393,11 +393,9 @@ def _push(items: list[_Written]) -> None:
 
 
 def _mark_ambiguous(outbox: Outbox, ids: list[int]) -> None:
-    """The push may have reached Redis: past the marker TTL, the replayer must not push these blindly."""
     try:
-        with outbox.engine.begin() as conn:
-            conn.execute(update(outbox_table).where(outbox_table.c.id.in_(ids)).values(ambiguous=True))
-    except Exception as exc:
+        outbox.mark_ambiguous(ids)
+    except Exception as exc:  # the rows stay pending; only their age check is lost
         log.warning("could not flag rows %s as possibly delivered: %r", ids, exc)
 
 

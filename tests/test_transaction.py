@@ -196,6 +196,8 @@ def test_lost_reply_at_commit_is_settled_by_the_marker(redis_server, sqlite_url)
     client = redis_server.client()
     assert client.exists(MARKER_PREFIX + "landed"), "the push landed with its marker; its reply was lost"
     assert Outbox(sqlite_url).pending_count("orders") == 1
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT ambiguous FROM spillover_outbox")) == 1, "flagged: it may be in Redis"
     proxy.set_mode("pass")
     replay_once(sqlite_url, redis_server.url)
     assert queued(client).count("landed") == 1
