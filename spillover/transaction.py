@@ -10,8 +10,9 @@ A Session does not wait for the replayer: its after-commit hook reads the rows b
 the replay script, so the job is in RQ when ``commit()`` returns. That script writes a
 job and its delivery marker at once and skips a job whose marker exists, so a replayer
 reading the same rows at the same moment cannot double them; a sweeper then deletes
-the rows. Redis down costs the commit one bounded attempt, then the breaker skips it. The markers stay for their
-TTL, as a replayed job's do: a replayer may still hold a row it read before the delete.
+the rows. Redis down costs the commit one bounded attempt, then the breaker skips it.
+The markers stay for their TTL, as a replayed job's do: a replayer may still hold a
+row it read before the delete.
 One producer's transactional jobs of a queue keep their commit order by the same sticky
 rule as spilling: once a push fails, later commits leave their rows to the replayer
 until this producer's older rows are in RQ.
@@ -283,6 +284,8 @@ def _check_schema(connection: Connection) -> None:
 def _install_hooks() -> None:
     """Listen to every Session's commits, once per process; sessions that wrote no job pay a dict look-up."""
     global _hooks_installed
+    if _hooks_installed:
+        return
     with _lock:
         if not _hooks_installed:
             event.listen(Session, "after_commit", _after_commit)
