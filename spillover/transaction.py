@@ -21,8 +21,6 @@ until this producer's older rows are in RQ.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
 from . import metrics
+from . import queue as queue_module
 from .errors import ConfigurationError, NotInTransaction, OutboxNotMigrated
 from .outbox import Outbox, is_missing_table, producer_id
 from .queue import Queue, _SpillState, resolve_outbox
@@ -58,10 +57,8 @@ _INFO_KEY = "spillover.written"  # session.info: rows written in the session's c
 _NOTIFIED_KEY = "spillover.notified"  # connection.info: the transaction that will wake the replayer
 _INSERT_ONE = insert(outbox_table).returning(outbox_table.c.id)
 _INSERT_MANY = insert(outbox_table).returning(outbox_table.c.id, sort_by_parameter_order=True)
-_lock = threading.Lock()
 _hooks_installed = False
 _checked_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_states: dict[tuple[Any, ...], _SpillState] = {}
 _deleters: weakref.WeakKeyDictionary[Outbox, DeliveredRows] = weakref.WeakKeyDictionary()
 
 
@@ -257,9 +254,11 @@ def _destination(queue: Queue, engine: Engine) -> tuple[Outbox, _SpillState]:
     url = engine.url.render_as_string(hide_password=False)
     same = queue.outbox.engine.url.render_as_string(hide_password=False) == url
     outbox = queue.outbox if same else resolve_outbox(url)
-    state_key = (outbox.engine.url, server_key(queue.connection), queue.target, queue.name)
-    with _lock:
-        found = (outbox, _states.setdefault(state_key, _SpillState()))
+    # Beside the plain path's states (renewed with them after a fork), apart from them: plain
+    # enqueues are not held back by transactional rows, nor these by spills.
+    state_key = ("transaction", outbox.engine.url, server_key(queue.connection), queue.target, queue.name)
+    with queue_module._lock:
+        found = (outbox, queue_module._spill_states.setdefault(state_key, _SpillState()))
     queue.__dict__["_within_destinations"][engine] = found
     return found
 
@@ -286,7 +285,7 @@ def _install_hooks() -> None:
     global _hooks_installed
     if _hooks_installed:
         return
-    with _lock:
+    with queue_module._lock:
         if not _hooks_installed:
             event.listen(Session, "after_commit", _after_commit)
             event.listen(Session, "after_transaction_end", _after_transaction_end)
@@ -304,18 +303,6 @@ def _after_commit(session: Session) -> None:
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(_INFO_KEY, None)  # rolled back or closed uncommitted: those rows never existed
-
-
-def _reset_after_fork() -> None:
-    """Locks held by another thread at fork time would never be released in the child."""
-    global _lock
-    _lock = threading.Lock()
-    for state in _states.values():
-        state.lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def push_committed(written: list[_Written]) -> None:
@@ -403,7 +390,7 @@ def _mark_ambiguous(outbox: Outbox, ids: list[int]) -> None:
 
 
 def _deleter(outbox: Outbox) -> DeliveredRows:
-    with _lock:
+    with queue_module._lock:
         found = _deleters.get(outbox)
         if found is None:
             found = _deleters[outbox] = DeliveredRows(outbox)

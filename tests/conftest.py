@@ -37,12 +37,11 @@ def fresh_process_state() -> Iterator[None]:
     may get an earlier test's port for a different server.
     """
     yield
-    from spillover import queue, transaction
+    from spillover import queue
 
     queue._servers.clear()
     queue._outboxes.clear()
     queue._spill_states.clear()
-    transaction._states.clear()
     _kill_leftover_children()
 
 
