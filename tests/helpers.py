@@ -112,6 +112,17 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return 0, "not listening"
 
 
+def post_json(port: int, path: str, payload: dict[str, Any], status: int) -> dict[str, Any]:
+    """POST ``payload`` as JSON to an example app; its JSON reply, after checking its status."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(payload).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == status
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
 def redis_up_metric(port: int) -> float | None:
     """A running replayer's spillover_redis_up (None until it serves metrics)."""
     for line in http_get(port, "/metrics")[1].splitlines():

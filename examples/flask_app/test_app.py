@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
 
-from helpers import replay_once, run_worker, wait_for
+from helpers import post_json, replay_once, run_worker, wait_for
 from werkzeug.serving import make_server
 
 from examples.flask_app.app import create_app
-
-
-def post(port: int, address: str) -> dict[str, object]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/signup", data=json.dumps({"email": address}).encode(), method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 202
-        return json.loads(response.read())
 
 
 def test_redis_killed_under_live_requests(make_redis, sqlite_url):
@@ -40,7 +29,7 @@ def test_redis_killed_under_live_requests(make_redis, sqlite_url):
     def client(n: int) -> None:
         for i in range(60):
             address = f"user{n}-{i}@example.com"
-            reply = post(port, address)
+            reply = post_json(port, "/signup", {"email": address}, 202)
             with lock:
                 accepted.append(address)
                 spilled.append(bool(reply["spilled"]))

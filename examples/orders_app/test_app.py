@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
 
-from helpers import replay_once, run_worker, wait_for
+from helpers import post_json, replay_once, run_worker, wait_for
 from werkzeug.serving import make_server
 
 from examples.orders_app.app import Order, create_app, db
 from spillover import Outbox
-
-
-def post(port: int, email: str) -> dict[str, object]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/orders", data=json.dumps({"email": email}).encode(), method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.status == 201
-        return json.loads(response.read())
 
 
 def test_redis_killed_under_live_requests(make_redis, sqlite_url, monkeypatch: pytest.MonkeyPatch):
@@ -45,7 +33,7 @@ def test_redis_killed_under_live_requests(make_redis, sqlite_url, monkeypatch: p
 
     def customer(n: int) -> None:
         for i in range(50):
-            reply = post(http.server_port, f"c{n}-{i}@example.com")
+            reply = post_json(http.server_port, "/orders", {"email": f"c{n}-{i}@example.com"}, 201)
             with lock:
                 accepted.append(f"{reply['order_id']}:c{n}-{i}@example.com")
 

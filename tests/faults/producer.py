@@ -11,12 +11,12 @@ these tests the outbox is healthy, so every enqueue must succeed one way or the 
 """
 
 import json
-import os
 import sys
 import time
 
 import jobs
 import redis
+from progress import Progress
 
 from spillover import Queue, was_spilled
 
@@ -24,7 +24,7 @@ url, port, name, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.arg
 pace = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 progress = sys.argv[6] if len(sys.argv) > 6 else ""
 queue = Queue("faults", connection=redis.Redis(host="127.0.0.1", port=port), outbox=url)
-fd = os.open(progress, os.O_WRONLY | os.O_CREAT) if progress else None
+progress_file = Progress(progress)
 latencies, spilled, while_down, was_direct = [], 0, [], True
 for i in range(count):
     started = time.perf_counter()
@@ -34,10 +34,8 @@ for i in range(count):
         while_down.append(latencies[-1])
     was_direct = not was_spilled(job)
     spilled += was_spilled(job)
-    if fd is not None:
-        os.pwrite(fd, f"{i + 1:>10} {spilled:>10}\n".encode(), 0)
-        if os.path.exists(progress + ".stop"):
-            break
+    if not progress_file.report(i + 1, spilled):
+        break
     if pace:
         time.sleep(pace)
 latencies.sort()

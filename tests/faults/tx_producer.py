@@ -8,13 +8,13 @@ pushing them at commit.
 """
 
 import json
-import os
 import sys
 import time
 
 import jobs
 import redis
 from orders import Order
+from progress import Progress
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,7 @@ pace = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 progress = sys.argv[6] if len(sys.argv) > 6 else ""
 engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
 queue = Queue("faults", connection=redis.Redis(host="127.0.0.1", port=port), outbox=url, redis_timeout=0.5)
-fd = os.open(progress, os.O_WRONLY | os.O_CREAT) if progress else None
+progress_file = Progress(progress)
 latencies, left = [], 0
 for i in range(count):
     job_id = f"{name}-{i:06d}"
@@ -37,10 +37,8 @@ for i in range(count):
         session.commit()
     latencies.append(time.perf_counter() - started)
     left += within.state.spilling
-    if fd is not None:
-        os.pwrite(fd, f"{i + 1:>10} {left:>10}\n".encode(), 0)
-        if os.path.exists(progress + ".stop"):
-            break
+    if not progress_file.report(i + 1, left):
+        break
     if pace:
         time.sleep(pace)
 latencies.sort()
