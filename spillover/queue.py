@@ -4,10 +4,10 @@ Healthy path: the job hash RQ would write (RQ's own ``Job.to_dict()``) goes to
 the marker-guarded replay script, one call per enqueue or enqueue_many (one round
 trip; no database access). Unhealthy path: the same row goes to the outbox
 instead, and the queue stays in "spill mode" until this producer's rows are in
-Redis, so one producer's jobs reach RQ in the order they were enqueued. The replayer moves the bulk of them; the last
-few the producer pushes itself, through the replayer's own marker-guarded
-script, so a producer that keeps enqueueing is not left spilling behind a
-replayer that polls.
+Redis, so one producer's jobs reach RQ in the order they were enqueued. The
+replayer moves the bulk of them; the last few the producer pushes itself, through
+the replayer's own marker-guarded script, so a producer that keeps enqueueing is
+not left spilling behind a replayer that polls.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -160,6 +161,10 @@ class Queue(rq.Queue):
         self._server = _server_for(self.connection, timeout, settings.probe_interval())
         self._client = self._server.health.client
         self._script = ReplayScript(self._client, self.marker_ttl)
+        # within(): per database of a caller's transaction, its Outbox and the sticky state of its rows
+        self._within_destinations: weakref.WeakKeyDictionary[Engine, tuple[Outbox, _SpillState]] = (
+            weakref.WeakKeyDictionary()
+        )
         # Per database, not per Outbox object: two Outbox objects on one database share its rows.
         state_key = (self.outbox.engine.url, server_key(self.connection), self.target, name)
         with _lock:

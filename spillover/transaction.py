@@ -248,9 +248,9 @@ def _destination(queue: Queue, engine: Engine) -> tuple[Outbox, _SpillState]:
     The Outbox is the queue's own when ``outbox=`` is that database, else one made from
     the engine's URL. Remembered per queue and engine: within() runs once per request.
     """
-    found = queue.__dict__.setdefault("_within_destinations", weakref.WeakKeyDictionary()).get(engine)
+    found = queue._within_destinations.get(engine)
     if found is not None:
-        return found  # type: ignore[no-any-return]
+        return found
     url = engine.url.render_as_string(hide_password=False)
     same = queue.outbox.engine.url.render_as_string(hide_password=False) == url
     outbox = queue.outbox if same else resolve_outbox(url)
@@ -259,7 +259,7 @@ def _destination(queue: Queue, engine: Engine) -> tuple[Outbox, _SpillState]:
     state_key = ("transaction", outbox.engine.url, server_key(queue.connection), queue.target, queue.name)
     with queue_module._lock:
         found = (outbox, queue_module._spill_states.setdefault(state_key, _SpillState()))
-    queue.__dict__["_within_destinations"][engine] = found
+    queue._within_destinations[engine] = found
     return found
 
 
