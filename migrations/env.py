@@ -4,6 +4,10 @@ The database comes from, in order: a connection handed over in
 ``config.attributes["connection"]`` (``spillover db upgrade``, tests), the
 ``sqlalchemy.url`` option, then ``SPILLOVER_DATABASE_URL``. Our own version
 table keeps us out of the host application's ``alembic_version``.
+
+Upgrades are serialized (``spillover/upgrade_lock.py``), and each revision commits on
+its own (``transaction_per_migration``): a table lock taken by one revision's DDL is
+not held while the next revision builds its indexes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from sqlalchemy import Connection
 from spillover import settings
 from spillover.outbox import create_outbox_engine
 from spillover.schema import VERSION_TABLE, metadata
+from spillover.upgrade_lock import upgrade_lock
 
 config = context.config
 
@@ -32,8 +37,9 @@ def run_with(connection: Connection) -> None:
         version_table=VERSION_TABLE,
         include_object=include_object,
         render_as_batch=connection.dialect.name == "sqlite",
+        transaction_per_migration=True,
     )
-    with context.begin_transaction():
+    with upgrade_lock(connection.engine), context.begin_transaction():
         context.run_migrations()
 
 

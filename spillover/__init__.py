@@ -15,9 +15,12 @@ from .errors import (
     OutboxUnavailable,
     ReplayError,
     SpilloverError,
+    UpgradeLocked,
 )
 from .outbox import Outbox
 from .redis_side import redis_from_url
+
+__version__ = "0.3.0"
 
 if TYPE_CHECKING:
     from .queue import Queue, was_spilled
@@ -49,6 +52,8 @@ __all__ = [
     "ReplayError",
     "SpilloverError",
     "TransactionalQueue",
+    "UpgradeLocked",
+    "__version__",
     "redis_from_url",
     "was_spilled",
 ]

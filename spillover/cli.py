@@ -19,7 +19,7 @@ import click
 import redis
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from . import settings
+from . import registry, settings
 from .endpoints import serve
 from .errors import SpilloverError
 from .lease import live_leases
@@ -27,6 +27,7 @@ from .metrics import register_backlog
 from .outbox import Outbox
 from .redis_side import client_from_url, is_outage, probe_write, resolve_target
 from .replayer import ReplayConfig, Replayer
+from .targets import UNTARGETED, setting_for
 
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
 
@@ -220,6 +221,12 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     help="Seconds the replayer waits on Redis (connect, reply) before it counts Redis as down.",
 )
 @env_option(
+    "--adopt-untargeted/--no-adopt-untargeted",
+    default=True,
+    env="SPILLOVER_ADOPT_UNTARGETED",
+    help="Drain rows that name no Redis (written by 0.1 producers or into a 0.1 schema, when an outbox had one Redis).",
+)
+@env_option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
@@ -246,6 +253,7 @@ def replay_main(
     max_attempts: int,
     lease_ttl: float,
     redis_timeout: float,
+    adopt_untargeted: bool,
     metrics_port: int | None,
     log_format: str,
     log_level: str,
@@ -263,7 +271,18 @@ def replay_main(
         signal.signal(signal.SIGINT, stop)
     _setup_logging(log_level, log_format)
     names = [name for value in queues for name in value.split()]
-    config = ReplayConfig(batch_size, poll_interval, marker_ttl, retention, max_attempts, lease_ttl, names, target)
+    config = ReplayConfig(
+        batch_size,
+        poll_interval,
+        marker_ttl,
+        retention,
+        max_attempts,
+        lease_ttl,
+        names,
+        target,
+        adopt_untargeted=adopt_untargeted,
+        redis_url=settings.redact(redis_url),
+    )
     outbox = Outbox(database_url, max_backlog=0)
     replayer = Replayer(outbox, client_from_url(redis_url, timeout=redis_timeout), config)
     replayer.stopping = stopping
@@ -301,33 +320,61 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
     drainers = {(lease.target, lease.queue): lease.holder for lease in live_leases(outbox.engine)}
     targets: dict[str, dict[str, Any]] = {}
     for entry in queues:
-        entry["drainer"] = drainers.get((entry["target"], entry["queue"]))
+        entry["drainer"] = drainers.get((entry["target"] or UNTARGETED, entry["queue"]))
         totals = targets.setdefault(entry["target"], {"target": entry["target"], "pending": 0, "dead": 0})
         totals["pending"] += entry["pending"]
         totals["dead"] += entry["dead"]
     redis_state = _redis_state(client)
+    replayers = registry.live_claims(outbox.engine)
+    claimed = set().union(*(claims for _, _, claims in replayers)) if replayers else set()
+    stranded = registry.unclaimed(outbox.pending_groups(), claimed)
     report: dict[str, Any] = {
         "outbox": outbox.url,
         "redis": {"url": settings.redact(redis_url), "state": redis_state},
         "target": mine,
-        "targets": [{**totals, "this": name == mine} for name, totals in sorted(targets.items())],
+        "targets": [{**totals, "this": name == mine} for name, totals in sorted(targets.items(), key=_by_name)],
         "queues": queues,
+        "replayers": [{"holder": holder, "target": target} for holder, target, _ in replayers],
+        "unclaimed": [
+            {
+                "target": u.group.target,
+                "host": u.group.host,
+                "queues": list(u.queues),
+                "pending": u.rows,
+                "oldest_age_s": round(u.oldest_seconds, 1),
+                "would_drain": setting_for(u.group),
+            }
+            for u in stranded
+        ],
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"outbox: {report['outbox']}")
     click.echo(f"redis:  {report['redis']['url']} ({redis_state}), target {mine}")
+    click.echo(f"replayers running: {len(replayers)}" + "".join(f"\n  {h} ({t})" for h, t, _ in replayers))
     for entry in report["targets"]:
         if not entry["this"]:
             click.echo(
                 f"other target {entry['target']}: {entry['pending']} pending, {entry['dead']} dead (not this Redis)"
             )
+    for u in stranded:
+        name = u.group.target or "(no target)"
+        host = f" written on host {u.group.host}" if u.group.host else ""
+        click.echo(
+            f"UNCLAIMED: {u.rows} pending row(s) of target {name}{host} in {', '.join(u.queues)} "
+            f"(oldest {u.oldest_seconds:.0f} s): no running replayer drains them; start {setting_for(u.group)}"
+        )
     click.echo(f"{'target':<22} {'queue':<20} {'pending':>9} {'oldest (s)':>11} {'dead':>6}  drained by")
     for entry in queues:
         oldest = "-" if entry["oldest_age_s"] is None else f"{entry['oldest_age_s']:.1f}"
-        row = f"{entry['target']:<22} {entry['queue']:<20} {entry['pending']:>9} {oldest:>11} {entry['dead']:>6}"
+        target_name = entry["target"] or "(no target)"
+        row = f"{target_name:<22} {entry['queue']:<20} {entry['pending']:>9} {oldest:>11} {entry['dead']:>6}"
         click.echo(f"{row}  {entry['drainer'] or '-'}")
+
+
+def _by_name(item: tuple[str | None, Any]) -> str:
+    return item[0] or ""
 
 
 def _redis_state(client: redis.Redis) -> str:
@@ -349,7 +396,8 @@ def db() -> None:
 def upgrade(database_url: str, revision: str) -> None:
     """Create or update the outbox tables (the same migrations as `alembic upgrade head`).
 
-    Rows already in the outbox are given the target of SPILLOVER_TARGET, else of SPILLOVER_REDIS_URL.
+    Safe while producers spill (expand-only migrations) and from several hosts at once (one upgrade
+    at a time: a lock in the database, or beside an SQLite file; SPILLOVER_UPGRADE_LOCK_WAIT bounds the wait).
     """
     from .migrate import upgrade as run_upgrade
 

@@ -72,5 +72,9 @@ class BacklogFull(OutboxError):
         self.limit = limit
 
 
+class UpgradeLocked(OutboxError):
+    """Another upgrade of the same outbox held the upgrade lock for longer than we may wait."""
+
+
 class ReplayError(SpilloverError):
     """The replayer cannot proceed (for example: Redis unreachable with --once)."""

@@ -40,6 +40,18 @@ KILLED = Counter("spillover_dead_marked", "Outbox rows the replayer gave up on."
 REDIS_UP = Gauge("spillover_redis_up", "1 when the replayer's write-probe to Redis succeeds.")
 LEASE_HELD = Gauge("spillover_lease_held", "Queue leases this replayer holds now (the queues it is draining).")
 
+UNCLAIMED = Gauge(
+    "spillover_unclaimed_rows",
+    "Pending rows that no running replayer drains (a target no replayer recognises, or no replayer on its host).",
+    ["target"],
+)
+
+
+def set_unclaimed(rows_by_target: dict[str, int]) -> None:
+    UNCLAIMED.clear()
+    for target, rows in rows_by_target.items():
+        UNCLAIMED.labels(target).set(rows)
+
 
 LABELS = ["target", "queue"]
 

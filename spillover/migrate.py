@@ -33,7 +33,8 @@ def _run(url_or_engine: str | Engine, action: object) -> None:
     # The outbox's own engine: an SQLite file is created owner-only, and ":memory:" is refused.
     engine = create_outbox_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
-        with engine.begin() as connection:
+        # A plain connection: each revision begins and commits its own transaction (env.py).
+        with engine.connect() as connection:
             config = alembic_config()
             config.attributes["connection"] = connection
             action(config)  # type: ignore[operator]

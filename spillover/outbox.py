@@ -9,6 +9,7 @@ SQLite is set up for many producer processes at once: WAL journal,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -19,17 +20,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from . import settings
 from .errors import BacklogFull, ConfigurationError, OutboxNotMigrated
-from .schema import DEAD, DONE, PENDING, outbox, queue_lease
+from .schema import DEAD, DONE, PENDING, outbox, queue_lease, replayer_registry
 from .stored_job import SpilledJob
 
 _READ = {"spillover_begin": "DEFERRED"}
 T = TypeVar("T")
+
+
+#: Pending rows of one target, queue and producer host: (target, queue, host, rows, age of the oldest in s).
+PendingGroup = tuple[str | None, str, str, int, float]
 
 
 class OutboxRow(NamedTuple):
@@ -145,15 +150,9 @@ class Outbox:
         self._estimated_at = -1e9
         self._is_sqlite = self.engine.dialect.name == "sqlite"
         self._dbapi_error: type[Exception] = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
-        names = ("target", "queue", "job_id", "job_hash", "at_front", "scheduled_at", "ambiguous", "producer")
-        statement = insert(outbox).values({name: bindparam(name) for name in names}).returning(outbox.c.id)
-        compiled = statement.compile(dialect=self.engine.dialect)
-        self._insert_sql = compiled.string
-        if compiled.positiontup:  # qmark / format paramstyles
-            order = [names.index(name) for name in compiled.positiontup]
-            self._insert_params: Callable[[tuple[Any, ...]], Any] = lambda row: [row[i] for i in order]
-        else:
-            self._insert_params = lambda row: dict(zip(names, row, strict=True))
+        # The row shape the table has (0.1's has no target): read on first use, see _columns_written.
+        self._writes_target: bool | None = None
+        self._shape_read_at = -1e9
         if hasattr(os, "register_at_fork"):
             engine_ref = weakref.ref(self.engine)
             os.register_at_fork(after_in_child=lambda: _dispose_in_child(engine_ref))
@@ -183,6 +182,7 @@ class Outbox:
         checks = {
             outbox.name: select(outbox.c.target).limit(0),
             queue_lease.name: select(queue_lease.c.holder).limit(0),
+            replayer_registry.name: select(replayer_registry.c.claims).limit(0),
         }
         for table, query in checks.items():
             try:
@@ -213,23 +213,52 @@ class Outbox:
             (job.target, job.queue, job.job_id, job.job_hash, job.at_front, job.scheduled_at, job.ambiguous, producer)
             for job in jobs
         ]
+        try:
+            return self._insert(rows)
+        except OutboxNotMigrated:
+            if not self._writes_target:
+                raise
+            self._writes_target = None  # the table lost a column we write (a downgrade): look again
+            return self._insert(rows)
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> list[int]:
+        with_target = self.writes_target()
+        if not with_target:
+            rows = [row[1:] for row in rows]
+        sql = _insert_sql(1 if self._is_sqlite else len(rows), self._is_sqlite, with_target)
 
         def insert_each(cursor: Any) -> list[int]:
             ids = []
             for row in rows:
-                cursor.execute(self._insert_sql, self._insert_params(row))
+                cursor.execute(sql, row)
                 ids.append(int(cursor.fetchone()[0]))
             return ids
 
         def insert_at_once(cursor: Any) -> list[int]:
-            cursor.execute(_insert_many_sql(len(rows)), [value for row in rows for value in row])
+            cursor.execute(sql, [value for row in rows for value in row])
             return [int(found[0]) for found in cursor.fetchall()]
 
         if self._is_sqlite:
-            ids = self._raw(insert_each, self._insert_sql)
-        else:
-            ids = self._raw(insert_at_once, self._insert_sql, single_statement=True)
-        return ids
+            return self._raw(insert_each, sql)
+        return self._raw(insert_at_once, sql, single_statement=True)
+
+    def writes_target(self) -> bool:
+        """Whether the table has the ``target`` column (schema 0002 and later) for rows to name their Redis.
+
+        A producer of this release may start before the deploy's migration has run: until then
+        it writes the row shape the table has, and the outbox's replayer adopts those rows. Read
+        from the table on first use, and again every few seconds while the column is missing.
+        """
+        stale = self._writes_target is False and time.monotonic() - self._shape_read_at > SHAPE_RECHECK_INTERVAL
+        if self._writes_target is None or stale:
+
+            def read(cursor: Any) -> bool:
+                cursor.execute("SELECT * FROM spillover_outbox WHERE 1 = 0")
+                return "target" in {column[0] for column in cursor.description}
+
+            self._writes_target = self._raw(read, "SELECT * FROM spillover_outbox", write=False, single_statement=True)
+            self._shape_read_at = time.monotonic()
+        return self._writes_target
 
     def _raw(self, work: Callable[[Any], T], sql: str, write: bool = True, single_statement: bool = False) -> T:
         """Run ``work(cursor)`` in one transaction on the pool's DBAPI connection.
@@ -305,9 +334,13 @@ class Outbox:
             return int(conn.scalar(query) or 0)
 
     def own_pending(self, target: str, queue: str, limit: int) -> list[OutboxRow]:
-        """This producer process's oldest ``limit`` pending rows of ``target``'s ``queue``, in order."""
-        sql = _OWN_SQL[self._is_sqlite]
-        params = (producer_id(), target, queue, limit)
+        """This producer process's oldest ``limit`` pending rows of ``target``'s ``queue``, in order.
+
+        Its rows without a target (written before the migration that added it) are its target's too.
+        """
+        with_target = self.writes_target()
+        sql = _OWN_SQL[self._is_sqlite, with_target]
+        params = (producer_id(), target, queue, limit) if with_target else (producer_id(), queue, limit)
         return self._raw(lambda cursor: _fetch(cursor, sql, params), sql, write=False, single_statement=True)
 
     def present(self, ids: Sequence[int]) -> set[tuple[int, str]]:
@@ -336,15 +369,37 @@ class Outbox:
                 found.setdefault(target, {})[queue] = int(count)
         return found
 
-    def fetch_pending(self, target: str, queue: str, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
+    def pending_groups(self) -> list[PendingGroup]:
+        """Pending rows per target, queue and producer host: (target, queue, host, rows, oldest age in s)."""
+        sql = _GROUPS_SQL[self._is_sqlite]
+
+        def read(cursor: Any) -> list[PendingGroup]:
+            cursor.execute(sql)
+            return [(t, q, h or "", int(n), float(age or 0.0)) for t, q, h, n, age in cursor.fetchall()]
+
+        return self._raw(read, sql, write=False, single_statement=True)
+
+    def fetch_pending(
+        self,
+        target: str | None,
+        queue: str,
+        limit: int,
+        exclude: Sequence[int] = (),
+        host: str | None = None,
+    ) -> list[OutboxRow]:
         """The oldest ``limit`` pending rows of ``target``'s ``queue``, in replay order, except ``exclude``.
 
+        ``target`` None: the rows without a target; ``host``: only rows whose producer ran there.
         Not "rows past the last id seen": on Postgres a row with a lower id may commit
         after a higher one, and must still go before that producer's later rows.
         """
-        sql = _FETCH_SQL[self._is_sqlite]
-        params = (target, queue, _id_list(exclude, self._is_sqlite), limit)
-        return self._raw(lambda cursor: _fetch(cursor, sql, params), sql, write=False, single_statement=True)
+        sql = _fetch_sql(self._is_sqlite, target is None, host is not None)
+        params: list[Any] = [] if target is None else [target]
+        params.append(queue)
+        if host is not None:
+            params += [len(host) + 1, f"{host}:"]
+        params += [_id_list(exclude, self._is_sqlite), limit]
+        return self._raw(lambda cursor: _fetch(cursor, sql, tuple(params)), sql, write=False, single_statement=True)
 
     def mark_delivered(self, ids: Sequence[int], keep: bool) -> None:
         """Rows now in Redis: delete them, or keep them as ``done`` for retention."""
@@ -474,25 +529,49 @@ _SELECT_ROWS = {
     True: f"SELECT {_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400.0 FROM spillover_outbox ",
     False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox ",
 }
-_FETCH_SQL = {
-    True: _SELECT_ROWS[True] + "WHERE target = ? AND queue = ? AND state = 'pending' "
-    "AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-    False: _SELECT_ROWS[False] + "WHERE target = %s AND queue = %s AND state = 'pending' "
-    "AND id <> ALL(%s) ORDER BY id LIMIT %s",
+
+
+@functools.lru_cache(maxsize=8)
+def _fetch_sql(sqlite: bool, untargeted: bool, by_host: bool) -> str:
+    mark = "?" if sqlite else "%s"
+    where = "target IS NULL" if untargeted else f"target = {mark}"
+    where += f" AND queue = {mark} AND state = 'pending'"
+    if by_host:  # the producer column starts with its host name and a colon
+        where += f" AND substr(producer, 1, {mark}) = {mark}"
+    exclude = f"id NOT IN (SELECT value FROM json_each({mark}))" if sqlite else f"id <> ALL({mark})"
+    return _SELECT_ROWS[sqlite] + f"WHERE {where} AND {exclude} ORDER BY id LIMIT {mark}"
+
+
+_GROUPS_SQL = {
+    True: "SELECT target, queue, substr(producer, 1, instr(producer, ':') - 1) AS host, count(*), "
+    "max((julianday('now') - julianday(created_at)) * 86400.0) FROM spillover_outbox "
+    "WHERE state = 'pending' GROUP BY target, queue, host",
+    False: "SELECT target, queue, split_part(producer, ':', 1) AS host, count(*), "
+    "max(extract(epoch from now() - created_at))::float8 FROM spillover_outbox "
+    "WHERE state = 'pending' GROUP BY target, queue, host",
 }
 _OWN_SQL = {
-    True: _SELECT_ROWS[True] + "WHERE producer = ? AND state = 'pending' AND target = ? AND queue = ? "
-    "ORDER BY id LIMIT ?",
-    False: _SELECT_ROWS[False] + "WHERE producer = %s AND state = 'pending' AND target = %s AND queue = %s "
+    (True, True): _SELECT_ROWS[True] + "WHERE producer = ? AND state = 'pending' "
+    "AND (target = ? OR target IS NULL) AND queue = ? ORDER BY id LIMIT ?",
+    (False, True): _SELECT_ROWS[False] + "WHERE producer = %s AND state = 'pending' "
+    "AND (target = %s OR target IS NULL) AND queue = %s ORDER BY id LIMIT %s",
+    (True, False): _SELECT_ROWS[True] + "WHERE producer = ? AND state = 'pending' AND queue = ? ORDER BY id LIMIT ?",
+    (False, False): _SELECT_ROWS[False] + "WHERE producer = %s AND state = 'pending' AND queue = %s "
     "ORDER BY id LIMIT %s",
 }
-_INSERT_COLUMNS = "target, queue, job_id, job_hash, at_front, scheduled_at, ambiguous, producer"
+_INSERT_COLUMNS = ("target", "queue", "job_id", "job_hash", "at_front", "scheduled_at", "ambiguous", "producer")
+#: While the outbox lacks a column this release writes, how often (s) to look whether it has come.
+SHAPE_RECHECK_INTERVAL = 5.0
 
 
-def _insert_many_sql(rows: int) -> str:
-    """Postgres: insert ``rows`` rows in one statement, returning their ids."""
-    values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s)"] * rows)
-    return f"INSERT INTO spillover_outbox ({_INSERT_COLUMNS}) VALUES {values} RETURNING id"
+@functools.lru_cache(maxsize=64)
+def _insert_sql(rows: int, sqlite: bool, with_target: bool) -> str:
+    """INSERT of ``rows`` rows (one at a time on SQLite), returning their ids, in the table's row shape."""
+    names = _INSERT_COLUMNS if with_target else _INSERT_COLUMNS[1:]
+    mark = "?" if sqlite else "%s"
+    one = "(" + ", ".join([mark] * len(names)) + ")"
+    values = one if sqlite else ", ".join([one] * rows)
+    return f"INSERT INTO spillover_outbox ({', '.join(names)}) VALUES {values} RETURNING id"
 
 
 _PRESENT_SQL = {

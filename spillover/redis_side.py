@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from . import settings
 from .errors import ConfigurationError
 from .settings import MARKER_PREFIX, PROBE_KEY, redact
 from .stored_job import msgpack_array_header, msgpack_str
+from .targets import qualified_host
 
 # RQ's key names (rq 2.x; tests/test_redis_side.py checks them against rq). Spelled out here
 # so the replayer does not import rq at all: it never needs RQ's code, only its key layout.
@@ -118,9 +120,9 @@ TARGET_MAX_LENGTH = 255
 def target_of(connection: redis.Redis) -> str:
     """The Redis a client writes to, as outbox rows record it.
 
-    ``host:port/db`` (the host as written, lower-cased), ``unix:path/db``, or
-    ``sentinel:service/db``: a producer and a replayer configured for the same
-    server derive the same name, so the replayer knows which rows are its own.
+    ``host:port/db`` (the host as written, lower-cased, a short name with this host's
+    DNS search domain), ``unix:/absolute/path/db``, or ``sentinel:service/db``. Other
+    spellings of the same server are matched by the replayer (targets.py).
     """
     pool = connection.connection_pool
     kwargs = pool.connection_kwargs
@@ -128,8 +130,8 @@ def target_of(connection: redis.Redis) -> str:
     if isinstance(pool, SentinelConnectionPool):
         return f"sentinel:{pool.service_name}/{db}"
     if kwargs.get("path"):
-        return f"unix:{kwargs['path']}/{db}"
-    host = str(kwargs.get("host") or "localhost").lower()
+        return f"unix:{os.path.abspath(kwargs['path'])}/{db}"
+    host = qualified_host(str(kwargs.get("host") or "localhost").lower())
     if ":" in host:
         host = f"[{host}]"
     return f"{host}:{kwargs.get('port') or 6379}/{db}"

@@ -7,7 +7,8 @@ leaves a pending row whose marker exists, which the next pass skips.
 Order rests on per-queue leases: one replayer drains a queue at a time, oldest
 row first, and a row that fails stops its queue until it succeeds or is declared
 dead. Different queues are drained by different replayers at once. A replayer
-drains only the rows meant for its own Redis (its target).
+drains only the rows meant for its own Redis, under whatever spelling (targets.py),
+and says so in the outbox (registry.py), so rows nobody drains are reported.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from dataclasses import dataclass, field
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import metrics
+from . import metrics, registry
 from .endpoints import Heartbeat
 from .errors import ReplayError
 from .lease import QueueLease, live_leases
-from .outbox import Outbox, OutboxRow
+from .outbox import Outbox, OutboxRow, PendingGroup
 from .redis_side import PendingPush, ReplayScript, is_outage, probe_write, resolve_target
+from .targets import Group, TargetMatcher, setting_for
 from .wakeup import CommitListener
 
 log = logging.getLogger("spillover.replay")
@@ -56,6 +58,12 @@ class ReplayConfig:
     lease_ttl: float = 10.0
     queues: list[str] = field(default_factory=list)  # empty: every queue in the outbox
     target: str | None = None  # None: SPILLOVER_TARGET, else derived from the Redis client
+    adopt_untargeted: bool = True  # drain rows with no target (0.1 producers, 0.1 schema)
+    redis_url: str = ""  # as shown to operators (password masked), in the registry
+
+
+#: Rows nobody drains for longer than this are warned about, at most once per this many seconds.
+UNCLAIMED_WARN_AFTER = 60.0
 
 
 @dataclass
@@ -72,10 +80,13 @@ class Replayer:
         self.config = config or ReplayConfig()
         self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.target = resolve_target(self.config.target, client)
-        self._busy: list[str] = []  # queues another replayer was draining at our last pass
-        # Leases of queues this replayer drains, kept from pass to pass while the queue has rows:
+        self.matcher = TargetMatcher(self.target, adopt_untargeted=self.config.adopt_untargeted)
+        self._busy: list[Group] = []  # groups another replayer was draining at our last pass
+        # Leases of the groups this replayer drains, kept from pass to pass while the group has rows:
         # a queue that producers keep filling is drained without taking its lease again each time.
-        self._held: dict[str, QueueLease] = {}
+        self._held: dict[Group, QueueLease] = {}
+        self._registered_at = -1e9
+        self._unclaimed_warned_at = -1e9
         self._foreign_reported: set[str] = set()  # other targets whose rows we have logged once
         self.script = ReplayScript(client, self.config.marker_ttl)
         self.stats = ReplayStats()
@@ -97,6 +108,7 @@ class Replayer:
             while not self.stopping.is_set():
                 self.heartbeat.beat()
                 try:
+                    self._report_claims()
                     if not self._redis_healthy():
                         self.stopping.wait(redis_wait)
                         redis_wait = min(redis_wait * 2, REDIS_PROBE_CAP)
@@ -119,6 +131,7 @@ class Replayer:
         finally:
             self._commits.close()
             self.release_leases()
+            self._unregister()
 
     def run_once(self, lease_wait: float | None = None) -> ReplayStats:
         """Drain everything pending and return; ReplayError if Redis or a queue's lease is not to be had."""
@@ -138,7 +151,10 @@ class Replayer:
                         holders = {
                             (lease.target, lease.queue): lease.holder for lease in live_leases(self.outbox.engine)
                         }
-                        busy = [f"{queue} by {holders.get((self.target, queue), '?')}" for queue in sorted(self._busy)]
+                        busy = [
+                            f"{g.queue} by {holders.get((g.lease_name, g.queue), '?')}"
+                            for g in sorted(self._busy, key=lambda g: (g.queue, g.lease_name))
+                        ]
                         raise ReplayError(f"queues still being drained by another replayer: {', '.join(busy)}")
                     time.sleep(0.2)
         except RedisUnavailable as exc:
@@ -151,33 +167,37 @@ class Replayer:
     # -- draining -------------------------------------------------------------------
 
     def drain(self) -> int:
-        """One pass over this target's queues with pending rows; rows moved (delivered or dead).
+        """One pass over this replayer's row groups; rows moved (delivered or dead).
 
-        Queues are taken in random order, each under its own lease, so replayers
+        A group is a target's queue (and, for a loopback or socket target, one host's rows).
+        Groups are taken in random order, each under its own lease, so replayers
         started together spread over the queues instead of queueing for the same one.
-        A lease is given back once its queue has no rows left.
+        A lease is given back once its group has no rows left.
         """
         self._retry_pending = False
         self._busy = []
-        queues = self._queues_with_rows()
-        for idle in set(self._held) - set(queues):
+        groups = self._groups_with_rows()
+        for idle in set(self._held) - set(groups):
             self._release(self._held.pop(idle))
-        random.shuffle(queues)
+        order = list(groups)
+        random.shuffle(order)
         moved = 0
-        for queue in queues:
+        for group in order:
             if self.stopping.is_set():
                 break
-            lease = self._held.pop(queue, None)
+            lease = self._held.pop(group, None)
             if lease is None:
-                lease = QueueLease(self.outbox.engine, self.holder, self.config.lease_ttl, self.target, queue)
+                lease = QueueLease(
+                    self.outbox.engine, self.holder, self.config.lease_ttl, group.lease_name, group.queue
+                )
                 if not lease.acquire():
-                    self._busy.append(queue)
+                    self._busy.append(group)
                     continue
             elif not lease.hold():
                 continue  # stalled past the TTL, and another replayer has taken the queue over
-            self._held[queue] = lease
+            self._held[group] = lease
             metrics.LEASE_HELD.set(len(self._held))
-            moved += self.drain_queue(queue, lease)
+            moved += self.drain_group(group, lease, groups[group])
         return moved
 
     def release_leases(self) -> None:
@@ -185,36 +205,55 @@ class Replayer:
         while self._held:
             self._release(self._held.popitem()[1])
 
-    def _queues_with_rows(self) -> list[str]:
-        """This replayer's queues with pending rows; rows meant for other Redis servers are logged once."""
-        pending = self.outbox.pending_by_target()
-        for target, queues in pending.items():
-            if target != self.target and target not in self._foreign_reported:
-                self._foreign_reported.add(target)
+    def _groups_with_rows(self) -> dict[Group, int]:
+        """This replayer's row groups with pending rows, and how many; other Redis servers' rows are logged once."""
+        mine, foreign = self._classify(self.outbox.pending_groups())
+        for name, queues in foreign.items():
+            if name not in self._foreign_reported:
+                self._foreign_reported.add(name)
                 log.warning(
                     "%d pending row(s) in queue(s) %s are meant for redis %r, not this replayer's %r: "
                     "left for a replayer of that target (--target / SPILLOVER_TARGET)",
                     sum(queues.values()),
                     ", ".join(sorted(queues)),
-                    target,
+                    name,
                     self.target,
                 )
-        mine = pending.get(self.target, {})
-        return [queue for queue in mine if not self.config.queues or queue in self.config.queues]
+        return {
+            group: count for group, count in mine.items() if not self.config.queues or group.queue in self.config.queues
+        }
 
-    def drain_queue(self, queue: str, lease: QueueLease) -> int:
-        """Replay ``queue`` oldest row first while holding its ``lease``; rows moved (delivered or dead).
+    def _classify(self, pending: list[PendingGroup]) -> tuple[dict[Group, int], dict[str, dict[str, int]]]:
+        """Pending rows split into this replayer's groups (rows per group) and other targets' (rows per queue)."""
+        mine: dict[Group, int] = {}
+        foreign: dict[str, dict[str, int]] = {}
+        for target, queue, host, count, _oldest in pending:
+            group = self.matcher.group(target, queue, host)
+            if group is None:
+                queues = foreign.setdefault(target if target is not None else "(no target)", {})
+                queues[queue] = queues.get(queue, 0) + count
+            else:
+                mine[group] = mine.get(group, 0) + count
+        return mine, foreign
+
+    def drain_group(self, group: Group, lease: QueueLease, left: int) -> int:
+        """Replay ``group`` oldest row first while holding its ``lease``; rows moved (delivered or dead).
 
         While Redis runs the script for one batch, the replayer removes the
         previous batch from the outbox and reads the next one.
         """
-        left = self.outbox.pending_count(queue, self.target)
         if not left:
             return 0
-        log.info("draining queue %s: %d left", queue, left)
+        queue = group.queue
+        spelled = "" if group.lease_name == self.target else f" (rows of {group.lease_name})"
+        log.info("draining queue %s: %d left%s", queue, left, spelled)
         started, moved, size = time.monotonic(), 0, self.config.batch_size
         confirmed: list[int] = []  # in Redis, not yet removed from the outbox
-        rows = self.outbox.fetch_pending(self.target, queue, size)
+
+        def fetch(exclude: list[int] | None = None) -> list[OutboxRow]:
+            return self.outbox.fetch_pending(group.target, queue, size, exclude or (), group.host)
+
+        rows = fetch()
         try:
             while rows and not self.stopping.is_set():
                 self.heartbeat.beat()
@@ -225,7 +264,7 @@ class Replayer:
                 push = self._start(queue, good) if good else None
                 try:
                     self._confirm(confirmed)
-                    upcoming = self.outbox.fetch_pending(self.target, queue, size, exclude=[row.id for row in rows])
+                    upcoming = fetch(exclude=[row.id for row in rows])
                 except BaseException:
                     if push is not None:
                         push.abandon()  # its outcome stays unknown: the markers settle it next pass
@@ -240,14 +279,14 @@ class Replayer:
                         if not self._failed(good[len(codes)], error):
                             break  # the queue waits for this row: order first
                         moved += 1
-                        rows = self.outbox.fetch_pending(self.target, queue, size)
+                        rows = fetch()
                         continue
                 if len(good) < len(rows):
                     bad = rows[len(good)]
                     self._confirm(confirmed)
                     self._kill(bad, str(self._unreplayable(bad)))
                     moved += 1
-                    upcoming = self.outbox.fetch_pending(self.target, queue, size)  # the rows after it, excluded above
+                    upcoming = fetch()  # the rows after it, excluded above
                 rows = upcoming
         finally:
             self._confirm(confirmed)
@@ -348,6 +387,41 @@ class Replayer:
             purged = self.outbox.purge_done(self.config.retention)
             if purged:
                 log.info("purged %d replayed rows older than %.0f s", purged, self.config.retention)
+
+    def _report_claims(self) -> None:
+        """Renew this replayer's registry row; report rows that no running replayer drains."""
+        if time.monotonic() - self._registered_at < registry.RENEW_INTERVAL:
+            return
+        self._registered_at = time.monotonic()
+        engine = self.outbox.engine
+        pending = self.outbox.pending_groups()
+        mine, _foreign = self._classify(pending)
+        claims = [(self.target, None), *registry.claims_of(list(mine))]
+        registry.renew(engine, self.holder, self.target, self.matcher.host, self.config.redis_url, claims)
+        claimed: set[registry.Claim] = set()
+        for _holder, _target, theirs in registry.live_claims(engine):
+            claimed |= theirs
+        stranded = registry.unclaimed(pending, claimed)
+        metrics.set_unclaimed({u.group.lease_name: u.rows for u in stranded})
+        old = [u for u in stranded if u.oldest_seconds > UNCLAIMED_WARN_AFTER]
+        if old and time.monotonic() - self._unclaimed_warned_at >= UNCLAIMED_WARN_AFTER:
+            self._unclaimed_warned_at = time.monotonic()
+            for u in old:
+                log.warning(
+                    "%d pending row(s) of target %s (queues %s, oldest %.0f s) are drained by no running replayer: "
+                    "start %s",
+                    u.rows,
+                    u.group.lease_name,
+                    ", ".join(u.queues),
+                    u.oldest_seconds,
+                    setting_for(u.group),
+                )
+
+    def _unregister(self) -> None:
+        try:
+            registry.remove(self.outbox.engine, self.holder)
+        except Exception as exc:  # the row goes stale by itself
+            log.warning("could not remove this replayer from the registry: %r", exc)
 
     def ready(self) -> bool:
         """The outbox answers with the schema this replayer needs (for /readyz)."""

@@ -43,8 +43,9 @@ outbox = Table(
     "spillover_outbox",
     metadata,
     Column("id", _row_id, primary_key=True, autoincrement=True),
-    # The Redis the job is meant for (see redis_side.target_of); a replayer drains only its own.
-    Column("target", String(255), nullable=False),
+    # The Redis the job is meant for (see redis_side.target_of); a replayer drains only its own
+    # (targets.py). NULL: written by a 0.1 producer, or into a 0.1 schema: the outbox's replayer adopts it.
+    Column("target", String(255), nullable=True),
     Column("queue", String(255), nullable=False),
     Column("job_id", String(255), nullable=False),
     # The RQ job hash as netstrings: field, value, field, value ... (see stored_job.py).
@@ -78,4 +79,18 @@ queue_lease = Table(
     Column("queue", String(255), primary_key=True),
     Column("holder", String(128), nullable=False),
     Column("expires_at", Float, nullable=False),
+)
+
+# One row per running replayer, renewed every few seconds: which targets it drains, so that rows
+# no running replayer drains can be reported (status, a gauge, a warning) instead of waiting silently.
+replayer_registry = Table(
+    "spillover_replayer",
+    metadata,
+    Column("holder", String(128), primary_key=True),
+    Column("target", String(255), nullable=False),  # the replayer's own target name
+    Column("host", String(64), nullable=False),  # where it runs: loopback and socket targets are host-local
+    Column("redis_url", String(255), nullable=False),  # password masked
+    # JSON list of [target, host or null]: the row groups it drains (null target: rows with no target)
+    Column("claims", Text, nullable=False, server_default="[]"),
+    Column("seen_at", Float, nullable=False),  # database clock, Unix seconds
 )

@@ -22,6 +22,8 @@ DEFAULT_MARKER_TTL = 7 * 24 * 3600
 DEFAULT_MAX_BACKLOG = 1_000_000
 #: Seconds SQLite waits on a locked database before giving up.
 DEFAULT_BUSY_TIMEOUT = 10.0
+#: Seconds an upgrade waits for another upgrade of the same outbox (and for a table lock) before failing.
+DEFAULT_UPGRADE_LOCK_WAIT = 600.0
 
 MARKER_PREFIX = "spillover:delivered:"
 PROBE_KEY = "spillover:probe"
@@ -73,6 +75,10 @@ def max_backlog() -> int:
 
 def busy_timeout() -> float:
     return env_float("SPILLOVER_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT)
+
+
+def upgrade_lock_wait() -> float:
+    return env_float("SPILLOVER_UPGRADE_LOCK_WAIT", DEFAULT_UPGRADE_LOCK_WAIT)
 
 
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@]*:)[^@/]*@", re.IGNORECASE)

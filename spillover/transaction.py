@@ -136,7 +136,7 @@ class TransactionalQueue:
     def write(self, rows: list[SpilledJob]) -> None:
         """Insert ``rows`` through the caller's connection, in its transaction; remember them for the commit."""
         connection = self._connection()
-        _check_schema(connection)
+        with_target = _check_schema(connection)
         self.outbox.reserve_backlog(len(rows))
         producer = producer_id()
         params = [
@@ -151,6 +151,9 @@ class TransactionalQueue:
             }
             for row in rows
         ]
+        if not with_target:
+            for param in params:
+                del param["target"]
         try:
             if len(params) == 1:
                 ids = [connection.execute(_INSERT_ONE, params[0]).scalar_one()]
@@ -263,18 +266,25 @@ def _destination(queue: Queue, engine: Engine) -> tuple[Outbox, _SpillState]:
     return found
 
 
-def _check_schema(connection: Connection) -> None:
-    """Once per database: the outbox table, with every column this version writes, is in it."""
+def _check_schema(connection: Connection) -> bool:
+    """The outbox table, with every column this version writes, is in the caller's database; whether it has
+    ``target`` (0002 and later: until the deploy's migration, rows are written in the 0001 shape).
+
+    Once per database once the schema is complete; on every call while it is not.
+    """
     engine = connection.engine
     if engine in _checked_engines:
-        return
+        return True
     inspector = inspect(connection)
     if not inspector.has_table(outbox_table.name):
         raise OutboxNotMigrated(outbox_table.name, f"the transaction's database has no {outbox_table.name!r} table")
     found = {column["name"] for column in inspector.get_columns(outbox_table.name)}
-    if not {column.name for column in outbox_table.columns} <= found:
+    if not {column.name for column in outbox_table.columns} - {"target"} <= found:
         raise OutboxNotMigrated(outbox_table.name, "the outbox schema is older than this spillover")
+    if "target" not in found:
+        return False
     _checked_engines.add(engine)
+    return True
 
 
 # -- after the commit --------------------------------------------------------------------

@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, inspect, text
 from spillover import Outbox, Queue, migrate
 from spillover.schema import VERSION_TABLE, metadata
 
-OURS = {"spillover_outbox", "spillover_queue_lease", VERSION_TABLE}
+OURS = {"spillover_outbox", "spillover_queue_lease", "spillover_replayer", VERSION_TABLE}
+HEAD = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
 
 
 def tables(url: str) -> set[str]:
@@ -68,7 +69,7 @@ def test_alembic_cli_from_repo_root_leaves_the_apps_version_table_alone(tmp_path
     assert tables(url) >= OURS
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "app_rev_42"
-        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == "0002"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one() == HEAD
     engine.dispose()
 
 
@@ -84,26 +85,27 @@ def test_spillover_db_upgrade_command(tmp_path):
     assert tables(url) >= OURS
 
 
-def test_upgrade_of_a_populated_outbox_gives_rows_the_default_replayers_target(redis_server, outbox_url, monkeypatch):
-    """An upgrade in the middle of an outage loses nothing: a replayer with default settings drains the rows."""
+def test_a_populated_outbox_upgraded_with_no_redis_settings_is_replayed_by_its_replayer(
+    redis_server, outbox_url, monkeypatch
+):
+    """The migration does not guess a Redis from where it runs: rows without a target are the outbox replayer's."""
     monkeypatch.delenv("SPILLOVER_TARGET")
     queue = Queue("upgraded", connection=redis.Redis(port=free_port()), outbox=outbox_url)
     ids = [f"u{i:03d}" for i in range(20)]
     queue.enqueue_many([queue.prepare_data(jobs.noop, job_id=job_id) for job_id in ids])
     queue.outbox.engine.dispose()
-    migrate.downgrade(outbox_url, "0001")  # the outbox as the previous release left it, with rows
+    migrate.downgrade(outbox_url, "0001")  # the outbox as the first release left it, with rows
     with create_engine(outbox_url).begin() as conn:
         assert conn.execute(text("SELECT count(*) FROM spillover_outbox")).scalar_one() == 20
         before = conn.execute(text("SELECT max(id) FROM spillover_outbox")).scalar_one()
         conn.execute(text("DELETE FROM spillover_outbox WHERE job_id = 'u019'"))  # the highest id, gone
     ids.remove("u019")
 
-    monkeypatch.setenv("SPILLOVER_REDIS_URL", redis_server.url)  # where the deploy's replayer points
+    monkeypatch.delenv("SPILLOVER_REDIS_URL", raising=False)  # a deploy job that knows nothing of Redis
     migrate.upgrade(outbox_url)
     _assert_models_match(outbox_url)
-    outbox = Outbox(outbox_url)
-    assert outbox.pending_by_target() == {f"127.0.0.1:{redis_server.port}/0": {"upgraded": 19}}
-    replay_once(outbox_url, redis_server.url)  # default settings: the target derived from --redis-url
+    assert Outbox(outbox_url).pending_by_target() == {None: {"upgraded": 19}}, "no target guessed"
+    replay_once(outbox_url, redis_server.url)  # default settings
     assert [x.decode() for x in redis_server.client().lrange("rq:queue:upgraded", 0, -1)] == ids
     later = Queue("upgraded", connection=redis.Redis(port=free_port()), outbox=outbox_url)
     later.enqueue(jobs.noop)
@@ -112,3 +114,15 @@ def test_upgrade_of_a_populated_outbox_gives_rows_the_default_replayers_target(r
     migrate.downgrade(outbox_url, "0001")  # and back, keeping the pending row
     with create_engine(outbox_url).begin() as conn:
         assert conn.execute(text("SELECT count(*) FROM spillover_outbox")).scalar_one() == 1
+
+
+def test_an_untargeted_row_is_left_alone_with_no_adopt_untargeted(redis_server, sqlite_url):
+    with create_engine(sqlite_url).begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
+                "VALUES ('legacy', 'x', x'90', 'oldhost:1:abc')"
+            )
+        )
+    replay_once(sqlite_url, redis_server.url, "--no-adopt-untargeted")
+    assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}

@@ -1,11 +1,13 @@
 """Rows know their Redis (``target``); one replay lease per target and queue; producers find their rows.
 
-Existing rows get the target a replayer with default settings derives
-(``SPILLOVER_TARGET``, else ``SPILLOVER_REDIS_URL``, else redis://localhost:6379/0,
-read where the migration runs), so an upgrade in the middle of an outage loses
-nothing: that replayer drains them. The global lease row is replaced by a table
-of per-queue leases; replayers of the previous version then find no lease table
-and stop draining instead of racing the new ones.
+Expand only (see ``versions/__init__.py``): ``target`` is added nullable and left NULL on
+existing rows. A row without a target was written by a producer that did not know targets
+(0.1), and is adopted by the outbox's replayer (``spillover/targets.py``): the migration does
+not guess a Redis from the environment it happens to run in. The global lease table of 0.1
+is replaced by per-queue leases, so 0.1 replayers stop draining instead of racing the new ones.
+
+The first form of this revision (0.2.0) made ``target`` NOT NULL with a backfill, which
+broke 0.1 producers still spilling during the deploy; 0003 repairs databases upgraded by it.
 
 Revision ID: 0002
 Revises: 0001
@@ -14,13 +16,10 @@ Create Date: 2026-11-26
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import sqlalchemy as sa
 from alembic import op
 
-from spillover.redis_side import default_target
+from spillover import ddl
 
 revision = "0002"
 down_revision = "0001"
@@ -28,30 +27,29 @@ branch_labels = None
 depends_on = None
 
 
-# SQLite rebuilds the table for these changes: keep AUTOINCREMENT, and the sequence with it.
-REBUILD = {"table_kwargs": {"sqlite_autoincrement": True}}
-
-
 def upgrade() -> None:
-    with op.batch_alter_table("spillover_outbox") as batch:
-        batch.add_column(sa.Column("target", sa.String(255), nullable=True))
-    op.execute(sa.text("UPDATE spillover_outbox SET target = :target").bindparams(target=default_target()))
-    with keep_sqlite_sequence(), op.batch_alter_table("spillover_outbox", **REBUILD) as batch:
-        batch.alter_column("target", existing_type=sa.String(255), nullable=False)
-        batch.drop_index("ix_spillover_outbox_queue_state_id")
-        batch.create_index("ix_spillover_outbox_target_queue_state_id", ["target", "queue", "state", "id"])
-        batch.create_index("ix_spillover_outbox_producer_state_id", ["producer", "state", "id"])
-    op.drop_table("spillover_lease")
-    op.create_table(
-        "spillover_queue_lease",
-        sa.Column("target", sa.String(255), primary_key=True),
-        sa.Column("queue", sa.String(255), primary_key=True),
-        sa.Column("holder", sa.String(128), nullable=False),
-        sa.Column("expires_at", sa.Float(), nullable=False),
+    ddl.add_column("spillover_outbox", "target", "VARCHAR(255)")
+    if not ddl.has_table("spillover_queue_lease"):
+        op.create_table(
+            "spillover_queue_lease",
+            sa.Column("target", sa.String(255), primary_key=True),
+            sa.Column("queue", sa.String(255), primary_key=True),
+            sa.Column("holder", sa.String(128), nullable=False),
+            sa.Column("expires_at", sa.Float(), nullable=False),
+        )
+    if ddl.has_table("spillover_lease"):
+        op.drop_table("spillover_lease")
+    ddl.create_index(
+        "ix_spillover_outbox_target_queue_state_id", "spillover_outbox", ["target", "queue", "state", "id"]
     )
+    ddl.create_index("ix_spillover_outbox_producer_state_id", "spillover_outbox", ["producer", "state", "id"])
+    ddl.drop_index("ix_spillover_outbox_queue_state_id")
 
 
 def downgrade() -> None:
+    ddl.create_index("ix_spillover_outbox_queue_state_id", "spillover_outbox", ["queue", "state", "id"])
+    ddl.drop_index("ix_spillover_outbox_target_queue_state_id")
+    ddl.drop_index("ix_spillover_outbox_producer_state_id")
     op.drop_table("spillover_queue_lease")
     op.create_table(
         "spillover_lease",
@@ -59,26 +57,5 @@ def downgrade() -> None:
         sa.Column("holder", sa.String(128), nullable=False),
         sa.Column("expires_at", sa.Float(), nullable=False),
     )
-    with keep_sqlite_sequence(), op.batch_alter_table("spillover_outbox", **REBUILD) as batch:
-        batch.drop_index("ix_spillover_outbox_target_queue_state_id")
-        batch.drop_index("ix_spillover_outbox_producer_state_id")
-        batch.create_index("ix_spillover_outbox_queue_state_id", ["queue", "state", "id"])
-        batch.drop_column("target")
-
-
-@contextmanager
-def keep_sqlite_sequence() -> Iterator[None]:
-    """Row ids must never be reused, also after SQLite copies the table into a new one."""
-    bind = op.get_bind()
-    if bind.dialect.name != "sqlite":
-        yield
-        return
-    query = sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'spillover_outbox'")
-    before = bind.execute(query).scalar()
-    yield
-    if before is not None:
-        after = bind.execute(query).scalar()
-        if after is None:
-            op.execute(sa.text(f"INSERT INTO sqlite_sequence (name, seq) VALUES ('spillover_outbox', {int(before)})"))
-        elif after < before:
-            op.execute(sa.text(f"UPDATE sqlite_sequence SET seq = {int(before)} WHERE name = 'spillover_outbox'"))
+    # SQLite >= 3.35 drops a column in place (no rebuild); the rows keep their ids.
+    op.get_bind().exec_driver_sql("ALTER TABLE spillover_outbox DROP COLUMN target")
