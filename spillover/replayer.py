@@ -85,6 +85,7 @@ class Replayer:
         # Leases of the groups this replayer drains, kept from pass to pass while the group has rows:
         # a queue that producers keep filling is drained without taking its lease again each time.
         self._held: dict[Group, QueueLease] = {}
+        self._untargeted_queues: set[str] = set()  # queues with rows that have no target
         self._registered_at = -1e9
         self._unclaimed_warned_at = -1e9
         self._foreign_reported: set[str] = set()  # other targets whose rows we have logged once
@@ -185,6 +186,11 @@ class Replayer:
         for group in order:
             if self.stopping.is_set():
                 break
+            if group.target is not None and group.queue in self._untargeted_queues:
+                # A producer of this release that started before the migration wrote its first rows
+                # without a target: those go first, so that its rows keep their order.
+                self._busy.append(group)
+                continue
             lease = self._held.pop(group, None)
             if lease is None:
                 lease = QueueLease(
@@ -207,7 +213,10 @@ class Replayer:
 
     def _groups_with_rows(self) -> dict[Group, int]:
         """This replayer's row groups with pending rows, and how many; other Redis servers' rows are logged once."""
-        mine, foreign = self._classify(self.outbox.pending_groups())
+        pending = self.outbox.pending_groups()
+        if self.config.adopt_untargeted:
+            self._untargeted_queues = {queue for target, queue, *_ in pending if target is None}
+        mine, foreign = self._classify(pending)
         for name, queues in foreign.items():
             if name not in self._foreign_reported:
                 self._foreign_reported.add(name)

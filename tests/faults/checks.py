@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 from helpers import env_with_tests, wait_for
+from releases import env_for
 
 from spillover import Outbox
 
@@ -26,10 +27,13 @@ def start_producer(
     pace: float = 0.0,
     progress: Path | None = None,
     script: str = "producer.py",
+    tree: Path | None = None,
 ) -> subprocess.Popen[str]:
-    """A producer process: ``producer.py`` enqueues plainly, ``tx_producer.py`` within transactions."""
-    env = env_with_tests()
-    env["PYTHONPATH"] = f"{FAULTS}:{env['PYTHONPATH']}"
+    """A producer process: ``producer.py`` enqueues plainly, ``tx_producer.py`` within transactions.
+
+    ``tree``: the source of an earlier release to run instead of this checkout's (releases.py).
+    """
+    env = env_for(tree)
     args = [url, str(port), name, str(count), str(pace), str(progress or "")]
     return subprocess.Popen(
         [sys.executable, str(FAULTS / script), *args],
@@ -44,11 +48,19 @@ class Producers:
     """Producer processes that say how far they are, so faults follow what they have done, not the clock."""
 
     def __init__(
-        self, workdir: Path, outbox_url: str, port: int, names: list[str], pace: float, script: str = "producer.py"
+        self,
+        workdir: Path,
+        outbox_url: str,
+        port: int,
+        names: list[str],
+        pace: float,
+        script: str = "producer.py",
+        trees: dict[str, Path] | None = None,
     ) -> None:
+        """``trees``: producers (by name) that run an earlier release's source."""
         self.files = {name: workdir / f"{name}.progress" for name in names}
         self.procs = [
-            start_producer(outbox_url, port, name, 1_000_000, pace, progress, script)
+            start_producer(outbox_url, port, name, 1_000_000, pace, progress, script, (trees or {}).get(name))
             for name, progress in self.files.items()
         ]
 
@@ -97,7 +109,7 @@ def finish_producers(procs: list[subprocess.Popen[str]], timeout: float = 120) -
     return reports
 
 
-def start_replayer(database_url: str, redis_url: str, *extra: str) -> subprocess.Popen[str]:
+def start_replayer(database_url: str, redis_url: str, *extra: str, tree: Path | None = None) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -114,7 +126,8 @@ def start_replayer(database_url: str, redis_url: str, *extra: str) -> subprocess
         "1",
         *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_tests())
+    env = env_with_tests() if tree is None else env_for(tree)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def stop(proc: subprocess.Popen[str]) -> str:

@@ -1,0 +1,65 @@
+"""Earlier releases of spillover, built from git history, for tests that mix versions in one deploy."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import IN_CI, ROOT, TESTS
+
+#: Released versions and their commits; the schema revision each left its outbox at is in the README.
+RELEASES = {"0.1.0": "18d8f1a", "0.2.0": "28fef6c"}
+
+
+def release_tree(version: str) -> Path:
+    """That release's source tree (spillover/, migrations/, alembic.ini), extracted once per machine."""
+    commit = RELEASES[version]
+    dest = Path(tempfile.gettempdir()) / f"spillover-release-{version}-{commit}"
+    if (dest / "spillover" / "__init__.py").exists():
+        return dest
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True)
+    if archive.returncode != 0:
+        message = f"release {version} ({commit}) is not in this checkout's git history: {archive.stderr[-300:]!r}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    partial = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(partial, filter="data")
+    try:
+        partial.rename(dest)
+    except OSError:  # another test process got there first: use its copy
+        pass
+    return dest
+
+
+def env_for(tree: Path | None, **extra: str) -> dict[str, str]:
+    """The environment of a process running ``tree``'s spillover (None: this checkout's), tests' modules importable."""
+    env = {**os.environ, **extra}
+    paths = [str(TESTS / "faults"), str(TESTS)]
+    if tree is not None:
+        paths.insert(0, str(tree))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def alembic_upgrade(tree: Path | None, url: str, revision: str = "head", **env: str) -> subprocess.CompletedProcess[str]:
+    """``alembic upgrade`` as that release's deploy runs it, from its own checkout."""
+    cwd = tree if tree is not None else ROOT
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", revision],
+        cwd=cwd,
+        env=env_for(tree, SPILLOVER_DATABASE_URL=url, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"alembic upgrade in {cwd} failed: {done.stderr[-3000:]}"
+    return done
