@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -33,10 +34,8 @@ def release_tree(version: str) -> Path:
     partial = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(partial, filter="data")
-    try:
+    with contextlib.suppress(OSError):  # OSError: another test process got there first; use its copy
         partial.rename(dest)
-    except OSError:  # another test process got there first: use its copy
-        pass
     return dest
 
 
@@ -50,7 +49,9 @@ def env_for(tree: Path | None, **extra: str) -> dict[str, str]:
     return env
 
 
-def alembic_upgrade(tree: Path | None, url: str, revision: str = "head", **env: str) -> subprocess.CompletedProcess[str]:
+def alembic_upgrade(
+    tree: Path | None, url: str, revision: str = "head", **env: str
+) -> subprocess.CompletedProcess[str]:
     """``alembic upgrade`` as that release's deploy runs it, from its own checkout."""
     cwd = tree if tree is not None else ROOT
     done = subprocess.run(
