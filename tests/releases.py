@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from helpers import IN_CI, ROOT, TESTS
+from sqlalchemy import create_engine, text
+
+from spillover import migrate
 
 #: Released versions and their commits; the schema revision each left its outbox at is in the README.
 RELEASES = {"0.1.0": "18d8f1a", "0.2.0": "28fef6c"}
@@ -64,3 +67,22 @@ def alembic_upgrade(
     )
     assert done.returncode == 0, f"alembic upgrade in {cwd} failed: {done.stderr[-3000:]}"
     return done
+
+
+_FILL = {
+    "sqlite": "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < :rows) "
+    "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
+    "SELECT 'backlog', 'b' || x, randomblob(600), 'old-host:1:abcd' FROM n",
+    "postgresql": "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
+    "SELECT 'backlog', 'b' || x, decode(repeat('ab', 600), 'hex'), 'old-host:1:abcd' "
+    "FROM generate_series(1, :rows) AS x",
+}
+
+
+def populated_first_release_outbox(url: str, rows: int) -> None:
+    """The first release's schema (0001) with ``rows`` pending rows of 600-byte jobs."""
+    migrate.upgrade(url, "0001")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(_FILL[engine.dialect.name]), {"rows": rows})
+    engine.dispose()
