@@ -9,7 +9,8 @@ import sys
 import jobs
 import pytest
 import redis
-from helpers import env_with_tests, replay_once, wait_for
+from helpers import env_with_tests, http_get, replay_once, wait_for
+from sqlalchemy import create_engine, text
 from test_replayer import queued, replayer
 
 from spillover import ConfigurationError, Outbox, Queue, redis_from_url, was_spilled
@@ -115,3 +116,129 @@ def test_a_named_target_is_drained_by_the_replayer_given_that_name(redis_server,
     assert queued(redis_server.client(), "named") == []
     replay_once(sqlite_url, redis_server.url, "--target", "cache-main")
     assert queued(redis_server.client(), "named") == ids
+
+
+# -- one Redis, several spellings ---------------------------------------------------------------
+
+
+def _spill_through(connection: redis.Redis, url: str, queue: str, count: int) -> list[str]:
+    q = Queue(queue, connection=connection, outbox=url)
+    ids = [f"{queue}-{i:03d}" for i in range(count)]
+    assert all(was_spilled(q.enqueue(jobs.noop, job_id=job_id)) for job_id in ids)
+    return ids
+
+
+def test_localhost_producer_and_127_0_0_1_replayer_are_one_target(redis_server, sqlite_url):
+    redis_server.kill()
+    ids = _spill_through(redis.Redis(host="localhost", port=redis_server.port), sqlite_url, "spelled", 20)
+    redis_server.start()
+    replay_once(sqlite_url, f"redis://127.0.0.1:{redis_server.port}/0")
+    assert queued(redis_server.client(), "spelled") == ids
+    assert Outbox(sqlite_url).pending_count() == 0
+
+
+def test_relative_and_absolute_socket_paths_are_one_target(make_redis, sqlite_url, tmp_path, monkeypatch):
+    socket_path = tmp_path / "redis.sock"
+    server = make_redis("--unixsocket", str(socket_path), "--unixsocketperm", "700")
+    server.kill()
+    monkeypatch.chdir(tmp_path)
+    ids = _spill_through(redis.Redis(unix_socket_path="redis.sock"), sqlite_url, "sock", 10)
+    assert Outbox(sqlite_url).pending_by_target() == {f"unix:{socket_path}/0": {"sock": 10}}
+    server.start()
+    replay_once(sqlite_url, f"unix://{socket_path}")
+    assert queued(server.client(), "sock") == ids
+
+
+def test_a_short_and_a_qualified_service_name_are_one_target(monkeypatch):
+    """Names are compared by what they resolve to, where the replayer runs (the resolver is the only stand-in)."""
+    from spillover import targets
+
+    monkeypatch.setattr(targets, "search_domain", lambda: "shop.svc.cluster.local")
+    assert target_of(redis.Redis(host="redis", port=6379)) == "redis.shop.svc.cluster.local:6379/0"
+    assert target_of(redis.Redis(host="redis.other", port=6379)) == "redis.other:6379/0"
+    assert target_of(redis.Redis(host="localhost", port=6379)) == "localhost:6379/0"
+    addresses = {"redis": {"10.0.0.7"}, "redis.shop.svc.cluster.local": {"10.0.0.7"}, "cache": {"10.0.0.9"}}
+    matcher = targets.TargetMatcher("redis.shop.svc.cluster.local:6379/0", host="web-1")
+    monkeypatch.setattr(matcher._resolver, "addresses", lambda host: frozenset(addresses.get(host, ())))
+    assert matcher.group("redis:6379/0", "q", "web-2") == targets.Group("redis:6379/0", "q")
+    assert matcher.group("redis:6379/1", "q", "web-2") is None, "another db"
+    assert matcher.group("redis:6380/0", "q", "web-2") is None, "another port"
+    assert matcher.group("cache:6379/0", "q", "web-2") is None, "another server"
+    assert matcher.group("unknown:6379/0", "q", "web-2") is None, "unresolvable: only its exact name"
+    assert matcher.group("sentinel:redis/0", "q", "web-2") is None
+
+
+def test_loopback_rows_belong_to_their_hosts_replayer(redis_server, sqlite_url):
+    """localhost on host A and on host B, in one shared outbox, are two servers: B's rows stay, and are reported."""
+    redis_server.kill()
+    ids = _spill_through(redis.Redis(host="localhost", port=redis_server.port), sqlite_url, "local", 5)
+    with create_engine(sqlite_url).begin() as conn:  # the same rows, as a producer on host "web-b" wrote them
+        conn.execute(
+            text(
+                "INSERT INTO spillover_outbox (target, queue, job_id, job_hash, producer) "
+                "SELECT target, queue, 'b-' || job_id, job_hash, 'web-b:77:feedbeef' FROM spillover_outbox"
+            )
+        )
+    redis_server.start()
+    replay_once(sqlite_url, f"redis://127.0.0.1:{redis_server.port}/0")
+    assert queued(redis_server.client(), "local") == ids, "only this host's rows"
+    assert Outbox(sqlite_url).pending_count() == 5
+    report = _status(sqlite_url, redis_server.url)
+    (stranded,) = report["unclaimed"]
+    assert stranded["host"] == "web-b" and stranded["pending"] == 5
+    assert f"--redis-url redis://localhost:{redis_server.port}/0 on host web-b" in stranded["would_drain"]
+
+
+def test_rows_nobody_drains_are_a_gauge_a_warning_and_a_status_line(redis_server, sqlite_url):
+    from servers import free_port
+
+    q = Queue("orphans", connection=redis.Redis(host="127.0.0.1", port=1), outbox=sqlite_url, target="cache-x")
+    q.enqueue(jobs.noop)
+    q.enqueue(jobs.noop)
+    with create_engine(sqlite_url).begin() as conn:  # written two minutes ago
+        conn.execute(text("UPDATE spillover_outbox SET created_at = datetime('now', '-120 seconds')"))
+    port = free_port()
+    proc = replayer(sqlite_url, redis_server.url, "--metrics-port", str(port), "--poll-interval", "0.1")
+    try:
+        wait_for(lambda: 'spillover_unclaimed_rows{target="cache-x"} 2.0' in http_get(port, "/metrics")[1], 30)
+        report = _status(sqlite_url, redis_server.url)
+        assert len(report["replayers"]) == 1
+        (stranded,) = report["unclaimed"]
+        assert stranded["target"] == "cache-x" and stranded["queues"] == ["orphans"]
+        assert stranded["would_drain"] == "a replayer with --target 'cache-x'"
+        text_report = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "spillover",
+                "status",
+                "--database-url",
+                sqlite_url,
+                "--redis-url",
+                redis_server.url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env_with_tests(),
+        ).stdout
+        assert "UNCLAIMED: 2 pending row(s) of target cache-x" in text_report
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "are drained by no running replayer: start a replayer with --target 'cache-x'" in err
+    assert _status(sqlite_url, redis_server.url)["replayers"] == [], "a stopped replayer leaves the registry"
+
+
+def test_once_a_replayer_of_that_target_runs_its_rows_are_claimed(redis_server, sqlite_url):
+    q = Queue("named", connection=redis.Redis(host="127.0.0.1", port=1), outbox=sqlite_url, target="cache-y")
+    q.enqueue(jobs.noop)
+    mine = replayer(sqlite_url, redis_server.url, "--poll-interval", "0.1", "--target", "cache-z")
+    other = replayer(sqlite_url, "redis://127.0.0.1:1/0", "--target", "cache-y")  # its Redis is down: it waits
+    try:
+        wait_for(lambda: len(_status(sqlite_url, redis_server.url)["replayers"]) == 2, 30)
+        wait_for(lambda: _status(sqlite_url, redis_server.url)["unclaimed"] == [], 30)
+    finally:
+        for proc in (mine, other):
+            proc.terminate()
+            proc.communicate(timeout=20)
