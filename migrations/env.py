@@ -31,16 +31,18 @@ def include_object(obj: object, name: str | None, type_: str, reflected: bool, c
 
 
 def run_with(connection: Connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=metadata,
-        version_table=VERSION_TABLE,
-        include_object=include_object,
-        render_as_batch=connection.dialect.name == "sqlite",
-        transaction_per_migration=True,
-    )
-    with upgrade_lock(connection.engine), context.begin_transaction():
-        context.run_migrations()
+    with upgrade_lock(connection.engine) as still_held:
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            version_table=VERSION_TABLE,
+            include_object=include_object,
+            render_as_batch=connection.dialect.name == "sqlite",
+            transaction_per_migration=True,
+            on_version_apply=lambda **_: still_held(),  # a lost lock stops the upgrade between revisions
+        )
+        with context.begin_transaction():
+            context.run_migrations()
 
 
 def run_online() -> None:

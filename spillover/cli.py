@@ -27,7 +27,7 @@ from .metrics import register_backlog
 from .outbox import Outbox
 from .redis_side import client_from_url, is_outage, probe_write, resolve_target
 from .replayer import ReplayConfig, Replayer
-from .targets import UNTARGETED, setting_for
+from .targets import UNTARGETED, is_host_local_name, setting_for
 
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
 
@@ -325,16 +325,19 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
         totals["pending"] += entry["pending"]
         totals["dead"] += entry["dead"]
     redis_state = _redis_state(client)
-    replayers = registry.live_claims(outbox.engine)
-    claimed = set().union(*(claims for _, _, claims in replayers)) if replayers else set()
-    stranded = registry.unclaimed(outbox.pending_groups(), claimed)
+    replayers = registry.live(outbox.engine)
+    claimed: set[registry.Claim] = set().union(*(r.claims for r in replayers))
+    pending = outbox.pending_groups(by_host=is_host_local_name)
+    stranded = registry.with_ages(registry.unclaimed(pending, claimed), outbox.oldest_age)
     report: dict[str, Any] = {
         "outbox": outbox.url,
         "redis": {"url": settings.redact(redis_url), "state": redis_state},
         "target": mine,
         "targets": [{**totals, "this": name == mine} for name, totals in sorted(targets.items(), key=_by_name)],
         "queues": queues,
-        "replayers": [{"holder": holder, "target": target} for holder, target, _ in replayers],
+        "replayers": [
+            {"holder": r.holder, "target": r.target, "host": r.host, "redis_url": r.redis_url} for r in replayers
+        ],
         "unclaimed": [
             {
                 "target": u.group.target,
@@ -352,7 +355,9 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
         return
     click.echo(f"outbox: {report['outbox']}")
     click.echo(f"redis:  {report['redis']['url']} ({redis_state}), target {mine}")
-    click.echo(f"replayers running: {len(replayers)}" + "".join(f"\n  {h} ({t})" for h, t, _ in replayers))
+    click.echo(f"replayers running: {len(replayers)}")
+    for r in replayers:
+        click.echo(f"  {r.holder}: target {r.target}, redis {r.redis_url or '?'}")
     for entry in report["targets"]:
         if not entry["this"]:
             click.echo(

@@ -4,6 +4,8 @@ A migration runs during a deploy, with the previous release still spilling into 
 outbox (see ``migrations/versions/__init__.py`` for the rule). So every step here:
 
 - is **idempotent**: a migration cut short (a killed pod) runs again from the start;
+- never waits on a lock of the outbox while holding another for long: a revision takes the
+  outbox's table lock last, commits soon after, and builds its indexes outside the transaction;
 - holds locks **briefly**: on Postgres a DDL statement that needs the table's lock gives up
   after ``lock_timeout`` and is retried (a DDL waiting behind a long transaction would
   otherwise queue every producer's INSERT behind itself), and indexes are built
@@ -63,6 +65,7 @@ def run_briefly(sql: str) -> None:
             with bind.begin_nested():
                 bind.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 bind.exec_driver_sql(sql)
+                bind.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")  # outlives the savepoint otherwise
             return
         except DBAPIError as exc:
             if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE or time.monotonic() > deadline:
@@ -70,6 +73,12 @@ def run_briefly(sql: str) -> None:
             log.warning("waiting for a lock on the outbox (%s); retrying in %.1f s", sql.split("(")[0], pause)
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+
+def drop_table(table: str) -> None:
+    """DROP TABLE IF EXISTS, briefly (a 0.1 replayer may hold its lease table in a transaction)."""
+    if has_table(table):
+        run_briefly(f"DROP TABLE IF EXISTS {table}")
 
 
 def add_column(table: str, name: str, ddl_type: str) -> None:

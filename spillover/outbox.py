@@ -33,8 +33,8 @@ _READ = {"spillover_begin": "DEFERRED"}
 T = TypeVar("T")
 
 
-#: Pending rows of one target, queue and producer host: (target, queue, host, rows, age of the oldest in s).
-PendingGroup = tuple[str | None, str, str, int, float]
+#: Pending rows of one target and queue, and producer host where asked: (target, queue, host or "", rows).
+PendingGroup = tuple[str | None, str, str, int]
 
 
 class OutboxRow(NamedTuple):
@@ -251,12 +251,14 @@ class Outbox:
         """
         stale = self._writes_target is False and time.monotonic() - self._shape_read_at > SHAPE_RECHECK_INTERVAL
         if self._writes_target is None or stale:
-
-            def read(cursor: Any) -> bool:
-                cursor.execute("SELECT * FROM spillover_outbox WHERE 1 = 0")
-                return "target" in {column[0] for column in cursor.description}
-
-            self._writes_target = self._raw(read, "SELECT * FROM spillover_outbox", write=False, single_statement=True)
+            # The column by name, not SELECT *: Postgres refuses a prepared SELECT * whose columns
+            # changed ("cached plan must not change result type"), and psycopg prepares repeated queries.
+            sql = "SELECT target FROM spillover_outbox WHERE 1 = 0"
+            try:
+                self._raw(lambda cursor: cursor.execute(sql), sql, write=False, single_statement=True)
+                self._writes_target = True
+            except OutboxNotMigrated:
+                self._writes_target = False  # no such column (or no table: the INSERT will say so)
             self._shape_read_at = time.monotonic()
         return self._writes_target
 
@@ -369,15 +371,39 @@ class Outbox:
                 found.setdefault(target, {})[queue] = int(count)
         return found
 
-    def pending_groups(self) -> list[PendingGroup]:
-        """Pending rows per target, queue and producer host: (target, queue, host, rows, oldest age in s)."""
+    def pending_groups(self, by_host: Callable[[str], bool] = lambda target: False) -> list[PendingGroup]:
+        """Pending rows per target and queue; for targets ``by_host`` picks, per producer host too.
+
+        The first count reads the (target, queue, state, id) index only; the per-host one reads
+        the rows of those targets (their producer column): loopback and socket targets.
+        """
         sql = _GROUPS_SQL[self._is_sqlite]
 
-        def read(cursor: Any) -> list[PendingGroup]:
+        def read(cursor: Any) -> list[tuple[str | None, str, int]]:
             cursor.execute(sql)
-            return [(t, q, h or "", int(n), float(age or 0.0)) for t, q, h, n, age in cursor.fetchall()]
+            return [(target, queue, int(count)) for target, queue, count in cursor.fetchall()]
 
-        return self._raw(read, sql, write=False, single_statement=True)
+        found: list[PendingGroup] = []
+        split: set[str] = set()
+        for target, queue, count in self._raw(read, sql, write=False, single_statement=True):
+            if target is not None and by_host(target):
+                split.add(target)
+            else:
+                found.append((target, queue, "", count))
+        by_host_sql = _HOSTS_SQL[self._is_sqlite]
+        for target in sorted(split):
+
+            def read_hosts(cursor: Any, target: str = target) -> list[PendingGroup]:
+                cursor.execute(by_host_sql, (target,))
+                return [(target, queue, host or "", int(count)) for queue, host, count in cursor.fetchall()]
+
+            found += self._raw(read_hosts, by_host_sql, write=False, single_statement=True)
+        return found
+
+    def oldest_age(self, target: str | None, queue: str, host: str | None = None) -> float:
+        """Age in seconds of the oldest pending row of ``target``'s ``queue`` (from ``host``); 0 if none."""
+        rows = self.fetch_pending(target, queue, 1, host=host or None)
+        return rows[0].age_seconds if rows else 0.0
 
     def fetch_pending(
         self,
@@ -543,12 +569,15 @@ def _fetch_sql(sqlite: bool, untargeted: bool, by_host: bool) -> str:
 
 
 _GROUPS_SQL = {
-    True: "SELECT target, queue, substr(producer, 1, instr(producer, ':') - 1) AS host, count(*), "
-    "max((julianday('now') - julianday(created_at)) * 86400.0) FROM spillover_outbox "
-    "WHERE state = 'pending' GROUP BY target, queue, host",
-    False: "SELECT target, queue, split_part(producer, ':', 1) AS host, count(*), "
-    "max(extract(epoch from now() - created_at))::float8 FROM spillover_outbox "
-    "WHERE state = 'pending' GROUP BY target, queue, host",
+    sqlite: "SELECT target, queue, count(*) FROM spillover_outbox WHERE state = 'pending' GROUP BY target, queue"
+    for sqlite in (True, False)
+}
+# The host part of ``producer`` (host:pid:random).
+_HOSTS_SQL = {
+    True: "SELECT queue, substr(producer, 1, instr(producer, ':') - 1) AS host, count(*) FROM spillover_outbox "
+    "WHERE target = ? AND state = 'pending' GROUP BY queue, host",
+    False: "SELECT queue, split_part(producer, ':', 1) AS host, count(*) FROM spillover_outbox "
+    "WHERE target = %s AND state = 'pending' GROUP BY queue, host",
 }
 _OWN_SQL = {
     (True, True): _SELECT_ROWS[True] + "WHERE producer = ? AND state = 'pending' "

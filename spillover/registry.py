@@ -10,6 +10,7 @@ replayer runs for that Redis or on that host. Those are reported (``spillover st
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, delete, insert, select, update
@@ -17,26 +18,27 @@ from sqlalchemy import Engine, delete, insert, select, update
 from .lease import db_now
 from .outbox import PendingGroup
 from .schema import replayer_registry
-from .targets import Group, is_host_local_name
+from .targets import Group
 
 #: Seconds between a replayer's renewals of its row.
 RENEW_INTERVAL = 5.0
 #: A row not renewed for this long is a replayer that is gone.
 STALE_AFTER = 30.0
 
-Claim = tuple[str | None, str | None]  # (target, host or None for every host)
+#: (target, host or None for every host, queue or None for every queue); target None: rows with no target.
+Claim = tuple[str | None, str | None, str | None]
 
 
 @dataclass(frozen=True)
 class Unclaimed:
-    group: Group  # its queue is the first of its queues, for naming
+    group: Group  # its target and host; its queue is the first of ``queues``
     rows: int
     oldest_seconds: float
     queues: tuple[str, ...]
 
 
-def claims_of(groups: list[Group]) -> list[Claim]:
-    return sorted({(g.target, g.host) for g in groups}, key=lambda c: (c[0] or "", c[1] or ""))
+def covers(claims: set[Claim], target: str | None, queue: str, host: str) -> bool:
+    return any(t == target and (h is None or h == host) and (q is None or q == queue) for t, h, q in claims)
 
 
 def renew(engine: Engine, holder: str, target: str, host: str, redis_url: str, claims: list[Claim]) -> None:
@@ -55,29 +57,51 @@ def remove(engine: Engine, holder: str) -> None:
         conn.execute(delete(replayer_registry).where(replayer_registry.c.holder == holder))
 
 
-def live_claims(engine: Engine) -> list[tuple[str, str, set[Claim]]]:
-    """(holder, target, claims) of every replayer renewed within STALE_AFTER seconds."""
+@dataclass(frozen=True)
+class Replayer:
+    holder: str
+    target: str
+    host: str
+    redis_url: str
+    claims: frozenset[Claim]
+
+
+def live(engine: Engine) -> list[Replayer]:
+    """Every replayer renewed within STALE_AFTER seconds; rows of replayers gone for a day are deleted."""
+    table = replayer_registry
     with engine.begin() as conn:
-        since = db_now(conn) - STALE_AFTER
+        now = db_now(conn)
+        conn.execute(delete(table).where(table.c.seen_at < now - 86400))
         rows = conn.execute(
-            select(replayer_registry.c.holder, replayer_registry.c.target, replayer_registry.c.claims).where(
-                replayer_registry.c.seen_at >= since
-            )
+            select(table.c.holder, table.c.target, table.c.host, table.c.redis_url, table.c.claims)
+            .where(table.c.seen_at >= now - STALE_AFTER)
+            .order_by(table.c.holder)
         ).all()
-    return [(holder, target, {(c[0], c[1]) for c in json.loads(claims)}) for holder, target, claims in rows]
+    return [
+        Replayer(holder, target, host, url, frozenset((c[0], c[1], c[2]) for c in json.loads(claims)))
+        for holder, target, host, url, claims in rows
+    ]
 
 
-def unclaimed(pending: list[PendingGroup], claimed: set[Claim]) -> list[Unclaimed]:
-    """Pending rows per (target, host-local host) that no claim covers, oldest first."""
-    found: dict[tuple[str | None, str | None], list[tuple[str, int, float]]] = {}
-    for target, queue, host, rows, oldest in pending:
-        if (target, None) in claimed or (target, host) in claimed:
-            continue
-        local = target is not None and is_host_local_name(target)
-        found.setdefault((target, host if local else None), []).append((queue, rows, oldest))
+def unclaimed(pending: list[PendingGroup], claims: set[Claim]) -> list[Unclaimed]:
+    """Pending rows per target (and host, for rows split by host) that no claim covers, most rows first.
+
+    ``oldest_seconds`` is left 0: the caller asks the outbox for the ages it reports (one indexed read each).
+    """
+    found: dict[tuple[str | None, str | None], list[tuple[str, int]]] = {}
+    for target, queue, host, rows in pending:
+        if not covers(claims, target, queue, host):
+            found.setdefault((target, host or None), []).append((queue, rows))
     report = []
     for (target, only_host), entries in found.items():
-        queues = tuple(sorted(q for q, _, _ in entries))
-        group = Group(target, queues[0], only_host)
-        report.append(Unclaimed(group, sum(n for _, n, _ in entries), max(a for _, _, a in entries), queues))
-    return sorted(report, key=lambda u: -u.oldest_seconds)
+        queues = tuple(sorted(q for q, _ in entries))
+        report.append(Unclaimed(Group(target, queues[0], only_host), sum(n for _, n in entries), 0.0, queues))
+    return sorted(report, key=lambda u: -u.rows)
+
+
+def with_ages(stranded: list[Unclaimed], oldest_age: Callable[[str | None, str, str | None], float]) -> list[Unclaimed]:
+    """The same, with the age of each one's oldest row (over its queues)."""
+    return [
+        Unclaimed(u.group, u.rows, max(oldest_age(u.group.target, q, u.group.host) for q in u.queues), u.queues)
+        for u in stranded
+    ]

@@ -64,6 +64,8 @@ class ReplayConfig:
 
 #: Rows nobody drains for longer than this are warned about, at most once per this many seconds.
 UNCLAIMED_WARN_AFTER = 60.0
+#: Seconds between looks for rows that nobody drains (the gauge's freshness).
+UNCLAIMED_CHECK_INTERVAL = 10.0
 
 
 @dataclass
@@ -80,13 +82,17 @@ class Replayer:
         self.config = config or ReplayConfig()
         self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.target = resolve_target(self.config.target, client)
-        self.matcher = TargetMatcher(self.target, adopt_untargeted=self.config.adopt_untargeted)
+        # Rows with no target are adopted only once the registry shows no replayer of another Redis.
+        self.matcher = TargetMatcher(self.target, adopt_untargeted=False)
         self._busy: list[Group] = []  # groups another replayer was draining at our last pass
         # Leases of the groups this replayer drains, kept from pass to pass while the group has rows:
         # a queue that producers keep filling is drained without taking its lease again each time.
         self._held: dict[Group, QueueLease] = {}
         self._untargeted_queues: set[str] = set()  # queues with rows that have no target
+        self._claims: set[registry.Claim] = set()  # the row groups this replayer drains, as the registry says
+        self._pending: tuple[float, list[PendingGroup]] = (-1e9, [])  # the last pass's look at the outbox
         self._registered_at = -1e9
+        self._unclaimed_checked_at = -1e9
         self._unclaimed_warned_at = -1e9
         self._foreign_reported: set[str] = set()  # other targets whose rows we have logged once
         self.script = ReplayScript(client, self.config.marker_ttl)
@@ -109,7 +115,7 @@ class Replayer:
             while not self.stopping.is_set():
                 self.heartbeat.beat()
                 try:
-                    self._report_claims()
+                    self._keep_registered()
                     if not self._redis_healthy():
                         self.stopping.wait(redis_wait)
                         redis_wait = min(redis_wait * 2, REDIS_PROBE_CAP)
@@ -139,6 +145,7 @@ class Replayer:
         self.outbox.check_schema()
         if not self._redis_healthy():
             raise ReplayError("redis is unreachable; nothing replayed")
+        self._keep_registered()
         deadline = time.monotonic() + (2 * self.config.lease_ttl if lease_wait is None else lease_wait)
         try:
             while True:
@@ -162,6 +169,7 @@ class Replayer:
             raise ReplayError(f"redis became unavailable during replay: {exc}") from exc
         finally:
             self.release_leases()
+            self._unregister()
         self._purge_retained()
         return self.stats
 
@@ -213,9 +221,10 @@ class Replayer:
 
     def _groups_with_rows(self) -> dict[Group, int]:
         """This replayer's row groups with pending rows, and how many; other Redis servers' rows are logged once."""
-        pending = self.outbox.pending_groups()
-        if self.config.adopt_untargeted:
-            self._untargeted_queues = {queue for target, queue, *_ in pending if target is None}
+        pending = self.outbox.pending_groups(by_host=self.matcher.host_local)
+        self._pending = (time.monotonic(), pending)
+        adopting = self.matcher.adopt_untargeted
+        self._untargeted_queues = {queue for target, queue, *_ in pending if target is None} if adopting else set()
         mine, foreign = self._classify(pending)
         for name, queues in foreign.items():
             if name not in self._foreign_reported:
@@ -228,15 +237,28 @@ class Replayer:
                     name,
                     self.target,
                 )
-        return {
+        drained = {
             group: count for group, count in mine.items() if not self.config.queues or group.queue in self.config.queues
         }
+        self._claims = self._own_claims() | {
+            (group.target, group.host, group.queue if self.config.queues else None) for group in drained
+        }
+        return drained
+
+    def _own_claims(self) -> set[registry.Claim]:
+        """This replayer's own target (on this host, if host-local), on its queues; rows with no target if adopting."""
+        host = self.matcher.host if self.matcher.host_local(self.target) else None
+        queues: list[str | None] = list(self.config.queues) or [None]
+        claims: set[registry.Claim] = {(self.target, host, queue) for queue in queues}
+        if self.matcher.adopt_untargeted:
+            claims |= {(None, None, queue) for queue in queues}
+        return claims
 
     def _classify(self, pending: list[PendingGroup]) -> tuple[dict[Group, int], dict[str, dict[str, int]]]:
         """Pending rows split into this replayer's groups (rows per group) and other targets' (rows per queue)."""
         mine: dict[Group, int] = {}
         foreign: dict[str, dict[str, int]] = {}
-        for target, queue, host, count, _oldest in pending:
+        for target, queue, host, count in pending:
             group = self.matcher.group(target, queue, host)
             if group is None:
                 queues = foreign.setdefault(target if target is not None else "(no target)", {})
@@ -266,6 +288,7 @@ class Replayer:
         try:
             while rows and not self.stopping.is_set():
                 self.heartbeat.beat()
+                self._keep_registered()  # a long drain must not look like a replayer that is gone
                 if not lease.hold():
                     log.warning("lost the lease of queue %s to another replayer; leaving it", queue)
                     break
@@ -397,34 +420,52 @@ class Replayer:
             if purged:
                 log.info("purged %d replayed rows older than %.0f s", purged, self.config.retention)
 
-    def _report_claims(self) -> None:
-        """Renew this replayer's registry row; report rows that no running replayer drains."""
+    def _keep_registered(self) -> None:
+        """Every few seconds: renew this replayer's registry row, decide whether to adopt rows with no
+        target (only while no replayer of another Redis runs on this outbox), report rows nobody drains."""
         if time.monotonic() - self._registered_at < registry.RENEW_INTERVAL:
             return
         self._registered_at = time.monotonic()
         engine = self.outbox.engine
-        pending = self.outbox.pending_groups()
-        mine, _foreign = self._classify(pending)
-        claims = [(self.target, None), *registry.claims_of(list(mine))]
-        registry.renew(engine, self.holder, self.target, self.matcher.host, self.config.redis_url, claims)
-        claimed: set[registry.Claim] = set()
-        for _holder, _target, theirs in registry.live_claims(engine):
-            claimed |= theirs
-        stranded = registry.unclaimed(pending, claimed)
+        claims = self._claims or self._own_claims()
+        registry.renew(
+            engine, self.holder, self.target, self.matcher.host, self.config.redis_url, sorted(claims, key=str)
+        )
+        running = registry.live(engine)
+        self.matcher.adopt_untargeted = self.config.adopt_untargeted and all(self._same_redis(r) for r in running)
+        if time.monotonic() - self._unclaimed_checked_at >= UNCLAIMED_CHECK_INTERVAL:
+            self._unclaimed_checked_at = time.monotonic()
+            self._report_unclaimed(set().union(*(r.claims for r in running)))
+
+    def _same_redis(self, other: registry.Replayer) -> bool:
+        if not self.matcher.same_server(other.target):
+            return False
+        return other.host == self.matcher.host or not self.matcher.host_local(other.target)
+
+    def _report_unclaimed(self, claims: set[registry.Claim]) -> None:
+        """Rows that no running replayer drains: a gauge, and a warning a minute while they are over a minute old."""
+        taken_at, pending = self._pending
+        if time.monotonic() - taken_at > UNCLAIMED_CHECK_INTERVAL:
+            pending = self.outbox.pending_groups(by_host=self.matcher.host_local)
+        stranded = registry.unclaimed(pending, claims)
         metrics.set_unclaimed({u.group.lease_name: u.rows for u in stranded})
-        old = [u for u in stranded if u.oldest_seconds > UNCLAIMED_WARN_AFTER]
-        if old and time.monotonic() - self._unclaimed_warned_at >= UNCLAIMED_WARN_AFTER:
+        if not stranded or time.monotonic() - self._unclaimed_warned_at < UNCLAIMED_WARN_AFTER:
+            return
+        old = [
+            u for u in registry.with_ages(stranded, self.outbox.oldest_age) if u.oldest_seconds > UNCLAIMED_WARN_AFTER
+        ]
+        if old:
             self._unclaimed_warned_at = time.monotonic()
-            for u in old:
-                log.warning(
-                    "%d pending row(s) of target %s (queues %s, oldest %.0f s) are drained by no running replayer: "
-                    "start %s",
-                    u.rows,
-                    u.group.lease_name,
-                    ", ".join(u.queues),
-                    u.oldest_seconds,
-                    setting_for(u.group),
-                )
+        for u in old:
+            log.warning(
+                "%d pending row(s) of target %s (queues %s, oldest %.0f s) are drained by no running replayer: "
+                "start %s",
+                u.rows,
+                u.group.lease_name,
+                ", ".join(u.queues),
+                u.oldest_seconds,
+                setting_for(u.group),
+            )
 
     def _unregister(self) -> None:
         try:

@@ -7,7 +7,8 @@ replayer decides, when it drains, which names are its own server:
 - the same name; or, for ``host:port/db`` names with the same port and db, hosts that are
   the same server: both loopback (``localhost``, ``127.0.0.1``, ``::1``), or names whose
   addresses, resolved here and now, overlap (a short and a fully qualified service name,
-  an alias). Names given with ``SPILLOVER_TARGET`` and Sentinel names match only exactly.
+  an alias). Sentinel names, and names given with ``SPILLOVER_TARGET`` that are not of the
+  ``host:port/db`` form, match only exactly.
 - **Loopback names and socket paths are host-local**: ``localhost`` on host A and on host B,
   writing into one shared Postgres outbox, are two servers. Rows with such a name are drained
   only by a replayer on the host their producer ran on (the host part of the row's
@@ -152,8 +153,8 @@ class TargetMatcher:
             return theirs.where == mine.where
         if theirs.port != mine.port:
             return False
-        if theirs.where == mine.where:
-            return True
+        if theirs.where == mine.where or qualified_host(theirs.where) == qualified_host(mine.where):
+            return True  # (a short name recorded before producers qualified it, in this host's domain)
         resolver = self._resolver
         if resolver.is_loopback(theirs.where) or resolver.is_loopback(mine.where):
             return resolver.is_loopback(theirs.where) and resolver.is_loopback(mine.where)

@@ -4,8 +4,9 @@ Alembic does not serialize concurrent upgrades (alembic #633): four pods running
 ``spillover db upgrade`` on a fresh database race on CREATE TABLE and all but one fail.
 Like ActiveRecord, golang-migrate, sqlx and Prisma, we take a lock first: on Postgres a
 session-level advisory lock on a connection of its own (the migration's own transactions
-come and go beneath it); on SQLite an exclusive ``flock`` on the database file (SQLite's own
-locks are POSIX record locks, which ``flock`` does not touch on Linux). The
+come and go beneath it); on SQLite an exclusive ``flock`` on the directory that holds the
+database (not on the file: closing any descriptor of the database file would drop this
+process's POSIX locks on it, SQLite's own). The
 next upgrade waits for it, a bounded time, then finds the schema at head and does nothing.
 
 A session-level lock needs a session: through a transaction-pooling PgBouncer each statement
@@ -19,9 +20,10 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from . import settings
 from .errors import ConfigurationError, UpgradeLocked
@@ -40,21 +42,24 @@ _HOLDER = text(
 
 
 @contextlib.contextmanager
-def upgrade_lock(engine: Engine, wait: float | None = None) -> Iterator[None]:
-    """Hold the outbox's upgrade lock; UpgradeLocked after ``wait`` seconds of another holding it."""
+def upgrade_lock(engine: Engine, wait: float | None = None) -> Iterator[Callable[[], None]]:
+    """Hold the outbox's upgrade lock; UpgradeLocked after ``wait`` seconds of another holding it.
+
+    Yields a check to call between steps: it raises if the lock was lost (its connection died).
+    """
     wait = settings.upgrade_lock_wait() if wait is None else wait
     if engine.dialect.name == "postgresql":
-        with _advisory_lock(engine, wait):
-            yield
+        with _advisory_lock(engine, wait) as check:
+            yield check
     elif engine.dialect.name == "sqlite" and engine.url.database and not engine.url.query.get("uri"):
-        with _file_lock(engine.url.database, wait):
-            yield
+        with _directory_lock(os.path.dirname(os.path.abspath(engine.url.database)), wait):
+            yield lambda: None
     else:
-        yield
+        yield lambda: None
 
 
 @contextlib.contextmanager
-def _advisory_lock(engine: Engine, wait: float) -> Iterator[None]:
+def _advisory_lock(engine: Engine, wait: float) -> Iterator[Callable[[], None]]:
     key = {"high": ADVISORY_KEY >> 32, "low": ADVISORY_KEY & 0xFFFF_FFFF}
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         deadline = time.monotonic() + wait
@@ -68,22 +73,32 @@ def _advisory_lock(engine: Engine, wait: float) -> Iterator[None]:
                     f"({holders or 'gone now'}); let it finish, or raise SPILLOVER_UPGRADE_LOCK_WAIT"
                 )
             time.sleep(0.2)
-        try:
-            if not conn.execute(_HELD_BY_ME, key).scalar():
+
+        def check() -> None:
+            try:
+                held = conn.execute(_HELD_BY_ME, key).scalar()
+            except DBAPIError as exc:
+                raise UpgradeLocked(
+                    f"the connection holding the upgrade lock was lost ({exc.orig}); run it again"
+                ) from exc
+            if not held:
                 raise ConfigurationError(
                     "the upgrade lock (a session-level advisory lock) was taken but is not held by this connection's "
                     "server session: is the database URL a transaction-pooling PgBouncer? Run upgrades on a direct "
                     "connection to PostgreSQL"
                 )
-            yield
+
+        try:
+            check()
+            yield check
         finally:
             with contextlib.suppress(Exception):  # the session ending releases it anyway
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_KEY})
 
 
 @contextlib.contextmanager
-def _file_lock(path: str, wait: float) -> Iterator[None]:
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)  # a new outbox file is owner-only, as SQLite's would be
+def _directory_lock(path: str, wait: float) -> Iterator[None]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         deadline = time.monotonic() + wait
         while True:

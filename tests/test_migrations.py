@@ -126,3 +126,25 @@ def test_an_untargeted_row_is_left_alone_with_no_adopt_untargeted(redis_server, 
         )
     replay_once(sqlite_url, redis_server.url, "--no-adopt-untargeted")
     assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}
+
+
+def test_a_producer_started_before_the_migration_spills_through_it(outbox_url, monkeypatch):
+    """It writes the 0001 row shape, looks again (here at every spill: Postgres has prepared the look by then),
+    and names its Redis from the first spill after the migration."""
+    from spillover import outbox as outbox_module
+
+    migrate.downgrade(outbox_url, "0001")
+    monkeypatch.setattr(outbox_module, "SHAPE_RECHECK_INTERVAL", 0.0)
+    queue = Queue("early", connection=redis.Redis(port=free_port()), outbox=outbox_url)
+    for i in range(12):
+        queue.enqueue(jobs.noop, job_id=f"before-{i:02d}")
+    migrate.upgrade(outbox_url)
+    for i in range(12):
+        queue.enqueue(jobs.noop, job_id=f"after-{i:02d}")
+    with create_engine(outbox_url).begin() as conn:
+        rows = conn.execute(text("SELECT job_id, target FROM spillover_outbox ORDER BY id")).all()
+    assert [job_id for job_id, _ in rows] == [f"before-{i:02d}" for i in range(12)] + [
+        f"after-{i:02d}" for i in range(12)
+    ]
+    assert {target for job_id, target in rows if job_id.startswith("before")} == {None}
+    assert {target for job_id, target in rows if job_id.startswith("after")} == {"tests"}

@@ -242,3 +242,29 @@ def test_once_a_replayer_of_that_target_runs_its_rows_are_claimed(redis_server, 
         for proc in (mine, other):
             proc.terminate()
             proc.communicate(timeout=20)
+
+
+def test_rows_with_no_target_are_not_adopted_while_a_replayer_of_another_redis_runs(make_redis, sqlite_url):
+    """0.1 had one Redis per outbox; with two, nobody can tell whose such a row is: it waits, and is reported."""
+    a, b = make_redis(), make_redis()
+    with create_engine(sqlite_url).begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
+                "VALUES ('legacy', 'x', x'90', 'oldhost:1:abc')"
+            )
+        )
+    b.kill()  # b's replayer runs (and says so in the registry) but cannot drain: its Redis is down
+    other = replayer(sqlite_url, b.url, "--poll-interval", "0.1", "--target", "b")
+    try:
+        wait_for(lambda: len(_status(sqlite_url, a.url)["replayers"]) == 1, 30)
+        replay_once(sqlite_url, a.url, "--target", "a")
+        assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}
+        (stranded,) = _status(sqlite_url, a.url)["unclaimed"]
+        assert stranded["target"] is None and stranded["queues"] == ["legacy"]
+    finally:
+        other.terminate()
+        other.communicate(timeout=20)
+    wait_for(lambda: _status(sqlite_url, a.url)["replayers"] == [], 30)
+    replay_once(sqlite_url, a.url, "--target", "a")  # alone now: it adopts the row
+    assert Outbox(sqlite_url).pending_count() == 0

@@ -53,8 +53,7 @@ def test_four_concurrent_upgrades_of_a_fresh_database_all_succeed(fresh_url):
 def _hold_upgrade_lock(url: str):
     """Hold the lock another upgrade would hold; returns what releases it."""
     if url.startswith("sqlite"):
-        path = url.removeprefix("sqlite:///")
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(os.path.dirname(url.removeprefix("sqlite:///")), os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return lambda: os.close(fd)
     engine = create_engine(url)

@@ -28,7 +28,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-    ddl.add_column("spillover_outbox", "target", "VARCHAR(255)")
     if not ddl.has_table("spillover_queue_lease"):
         op.create_table(
             "spillover_queue_lease",
@@ -37,13 +36,14 @@ def upgrade() -> None:
             sa.Column("holder", sa.String(128), nullable=False),
             sa.Column("expires_at", sa.Float(), nullable=False),
         )
-    if ddl.has_table("spillover_lease"):
-        op.drop_table("spillover_lease")
+    # The outbox's table lock last (catalog only, O(1)); the index builds below commit this transaction first.
+    ddl.add_column("spillover_outbox", "target", "VARCHAR(255)")
     ddl.create_index(
         "ix_spillover_outbox_target_queue_state_id", "spillover_outbox", ["target", "queue", "state", "id"]
     )
     ddl.create_index("ix_spillover_outbox_producer_state_id", "spillover_outbox", ["producer", "state", "id"])
     ddl.drop_index("ix_spillover_outbox_queue_state_id")
+    ddl.drop_table("spillover_lease")  # last: 0.1 replayers drain until the new indexes are there
 
 
 def downgrade() -> None:

@@ -10,9 +10,9 @@ wait long. So a revision only **expands**:
   or writes; such tightening is a later, *contracting* revision that the README's
   "Deploying a new version" marks "run after every process is on version X";
 - each step is idempotent and brief (``spillover/ddl.py``): Postgres DDL under
-  ``lock_timeout`` with retries, indexes built ``CONCURRENTLY``, backfills in batches of
-  their own transactions; no SQLite table rebuild (``batch_alter_table`` copies the table
-  under the write lock);
+  ``lock_timeout`` with retries, indexes built ``CONCURRENTLY``; a backfill, if one is ever
+  needed, in batches of their own transactions (none so far); no SQLite table rebuild
+  (``batch_alter_table`` copies the table under the write lock);
 - a revision that has shipped is never edited so that databases already past it end up
   different: a fix is a new revision. (0002 was rewritten once, before this rule: its
   first form made ``target`` NOT NULL; 0003 brings databases of either form to one schema.)

@@ -58,7 +58,12 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
         tmp_path, url, server.port, ["old0", "old1", "new0"], pace=0.002, trees={"old0": old, "old1": old}
     )
     producers.wait(spilled=50)
-    # The deploy's migration, from a job that knows nothing of Redis.
+    # The deploy's migration, from a job that knows nothing of Redis; from 0001 one revision at a time,
+    # so producers also spill into the schema at 0002.
+    if previous == "0.1.0":
+        alembic_upgrade(None, url, "0002", SPILLOVER_TARGET="", SPILLOVER_REDIS_URL="")
+        assert _revision(url) == "0002" and not _target_is_not_null(url)
+        producers.wait(spilled=100)
     alembic_upgrade(None, url, SPILLOVER_TARGET="", SPILLOVER_REDIS_URL="")
     assert _revision(url) == "0003" and not _target_is_not_null(url)
     producers.wait(spilled=200)  # all of them, old ones too, spill on into the new schema

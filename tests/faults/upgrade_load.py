@@ -32,6 +32,7 @@ def upgrade_under_load(
 ) -> UpgradeUnderLoad:
     """Producers spill at a steady pace while the upgrade runs (or, ``upgrade=False``, for as long, as a baseline)."""
     populated_first_release_outbox(url, rows)
+    workdir.mkdir(parents=True, exist_ok=True)
     producers = Producers(workdir, url, free_port(), names, pace=0.005, trees=trees)
     producers.wait(spilled=50)
     started = time.perf_counter()
