@@ -4,8 +4,8 @@ A migration runs during a deploy, with the previous release still spilling into 
 outbox (see ``migrations/versions/__init__.py`` for the rule). So every step here:
 
 - is **idempotent**: a migration cut short (a killed pod) runs again from the start;
-- never waits on a lock of the outbox while holding another for long: a revision takes the
-  outbox's table lock last, commits soon after, and builds its indexes outside the transaction;
+- holds the outbox's table lock for milliseconds: catalog-only DDL, committed before the
+  revision builds its indexes outside the transaction;
 - holds locks **briefly**: on Postgres a DDL statement that needs the table's lock gives up
   after ``lock_timeout`` and is retried (a DDL waiting behind a long transaction would
   otherwise queue every producer's INSERT behind itself), and indexes are built

@@ -50,6 +50,8 @@ def renew(engine: Engine, holder: str, target: str, host: str, redis_url: str, c
         ).rowcount
         if not updated:
             conn.execute(insert(replayer_registry).values(holder=holder, **values, seen_at=now))
+        # Rows of replayers gone for a day (killed, never removed): nobody reads them any more.
+        conn.execute(delete(replayer_registry).where(replayer_registry.c.seen_at < now - 86400))
 
 
 def remove(engine: Engine, holder: str) -> None:
@@ -67,11 +69,10 @@ class Replayer:
 
 
 def live(engine: Engine) -> list[Replayer]:
-    """Every replayer renewed within STALE_AFTER seconds; rows of replayers gone for a day are deleted."""
+    """Every replayer renewed within STALE_AFTER seconds."""
     table = replayer_registry
     with engine.begin() as conn:
         now = db_now(conn)
-        conn.execute(delete(table).where(table.c.seen_at < now - 86400))
         rows = conn.execute(
             select(table.c.holder, table.c.target, table.c.host, table.c.redis_url, table.c.claims)
             .where(table.c.seen_at >= now - STALE_AFTER)

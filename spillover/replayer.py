@@ -145,9 +145,9 @@ class Replayer:
         self.outbox.check_schema()
         if not self._redis_healthy():
             raise ReplayError("redis is unreachable; nothing replayed")
-        self._keep_registered()
         deadline = time.monotonic() + (2 * self.config.lease_ttl if lease_wait is None else lease_wait)
         try:
+            self._keep_registered()
             while True:
                 moved = self.drain()
                 if self._retry_pending:
@@ -227,7 +227,15 @@ class Replayer:
         self._untargeted_queues = {queue for target, queue, *_ in pending if target is None} if adopting else set()
         mine, foreign = self._classify(pending)
         for name, queues in foreign.items():
-            if name not in self._foreign_reported:
+            if name not in self._foreign_reported and name == "(no target)":
+                self._foreign_reported.add(name)
+                log.warning(
+                    "%d pending row(s) in queue(s) %s have no target (0.1 producers) and a replayer of another Redis "
+                    "runs on this outbox: left until one replayer is alone on it (or --adopt-untargeted elsewhere)",
+                    sum(queues.values()),
+                    ", ".join(sorted(queues)),
+                )
+            elif name not in self._foreign_reported:
                 self._foreign_reported.add(name)
                 log.warning(
                     "%d pending row(s) in queue(s) %s are meant for redis %r, not this replayer's %r: "
@@ -289,6 +297,8 @@ class Replayer:
             while rows and not self.stopping.is_set():
                 self.heartbeat.beat()
                 self._keep_registered()  # a long drain must not look like a replayer that is gone
+                if group.target is None and not self.matcher.adopt_untargeted:
+                    break  # a replayer of another Redis has appeared: rows with no target are no longer ours
                 if not lease.hold():
                     log.warning("lost the lease of queue %s to another replayer; leaving it", queue)
                     break
@@ -447,6 +457,8 @@ class Replayer:
         taken_at, pending = self._pending
         if time.monotonic() - taken_at > UNCLAIMED_CHECK_INTERVAL:
             pending = self.outbox.pending_groups(by_host=self.matcher.host_local)
+        mine = self._classify(pending)[0]  # what this replayer drains now, if its last pass did not see it yet
+        claims = claims | {(group.target, group.host, None) for group in mine}
         stranded = registry.unclaimed(pending, claims)
         metrics.set_unclaimed({u.group.lease_name: u.rows for u in stranded})
         if not stranded or time.monotonic() - self._unclaimed_warned_at < UNCLAIMED_WARN_AFTER:

@@ -15,7 +15,8 @@ replayer decides, when it drains, which names are its own server:
   ``producer``), each host's rows under a lease of their own.
 - Rows with no target (written by 0.1 producers, or into a 0.1 schema) are adopted: 0.1 had one
   Redis per outbox (its replayer pushed every row into its own), so the outbox's replayer is
-  theirs. ``--no-adopt-untargeted`` leaves them to another replayer.
+  theirs; but only while no replayer of another Redis runs on the outbox (registry.py), where
+  nobody can tell whose they are. ``--no-adopt-untargeted`` leaves them to another replayer.
 
 Names are resolved by the replayer, at the time it drains, never by a producer on its enqueue
 path (a DNS lookup there could hang an enqueue). A producer qualifies a short host name with

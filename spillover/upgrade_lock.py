@@ -108,7 +108,7 @@ def _directory_lock(path: str, wait: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise UpgradeLocked(
-                        f"another upgrade of this outbox has held {path} for over {wait:.0f} s; "
+                        f"another upgrade of an outbox in {path} has held its lock for over {wait:.0f} s; "
                         "let it finish, or raise SPILLOVER_UPGRADE_LOCK_WAIT"
                     ) from None
                 time.sleep(0.05)
