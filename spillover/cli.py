@@ -320,7 +320,15 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
     drainers = {(lease.target, lease.queue): lease.holder for lease in live_leases(outbox.engine)}
     targets: dict[str, dict[str, Any]] = {}
     for entry in queues:
-        entry["drainer"] = drainers.get((entry["target"] or UNTARGETED, entry["queue"]))
+        name = entry["target"] or UNTARGETED
+        entry["drainer"] = drainers.get((name, entry["queue"])) or next(  # a host-local target: per host
+            (
+                holder
+                for (lease, queue), holder in drainers.items()
+                if queue == entry["queue"] and lease.startswith(name + "@")
+            ),
+            None,
+        )
         totals = targets.setdefault(entry["target"], {"target": entry["target"], "pending": 0, "dead": 0})
         totals["pending"] += entry["pending"]
         totals["dead"] += entry["dead"]

@@ -126,17 +126,26 @@ def _invalid_index(name: str) -> bool:
 
 
 def create_index(name: str, table: str, index_columns: Sequence[str]) -> None:
-    """CREATE INDEX, concurrently on Postgres (producers keep writing while it builds).
+    """CREATE INDEX, each in a transaction of its own; concurrently on Postgres.
 
-    CONCURRENTLY cannot run in a transaction: the migration's transaction is committed first
-    (Alembic's ``autocommit_block``). A build that failed half-way leaves an INVALID index of
-    that name, which ``IF NOT EXISTS`` would keep for ever: it is dropped and built again.
+    Postgres: producers keep writing while it builds. CONCURRENTLY cannot run in a transaction,
+    so the migration's transaction is committed first (Alembic's ``autocommit_block``). A build
+    that failed half-way leaves an INVALID index of that name, which ``IF NOT EXISTS`` would keep
+    for ever: it is dropped and built again. SQLite: the build holds the write lock (every spill
+    waits for it), for one index at a time rather than for all of a revision's.
     """
     listed = ", ".join(index_columns)
-    if not _is_postgres():
-        op.get_bind().exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({listed})")
-        return
     with op.get_context().autocommit_block():
+        if not _is_postgres():
+            bind = op.get_bind()
+            bind.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({listed})")
+            if bind.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal":
+                # The new index's pages sit in the WAL: copy them into the database here, or the next
+                # producer to commit runs that checkpoint (tens of MB, fsynced) inside its enqueue.
+                if bind.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+                    bind.exec_driver_sql("COMMIT")  # the outbox engine's BEGIN IMMEDIATE opened one
+                bind.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            return
         if _invalid_index(name):
             log.warning("index %s was left INVALID by an interrupted build: dropping it and building it again", name)
             op.get_bind().exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")

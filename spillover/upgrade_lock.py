@@ -31,8 +31,8 @@ from .errors import ConfigurationError, UpgradeLocked
 #: The advisory lock key: "spillovr" as a 64-bit integer, one per database.
 ADVISORY_KEY = int.from_bytes(b"spillovr", "big") & 0x7FFF_FFFF_FFFF_FFFF
 _HELD_BY_ME = text(
-    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() "
-    "AND classid::bigint = :high AND objid::bigint = :low AND objsubid = 1"
+    "SELECT count(*), pg_backend_pid() FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND pid = pg_backend_pid() AND classid::bigint = :high AND objid::bigint = :low AND objsubid = 1"
 )
 _HOLDER = text(
     "SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local') "
@@ -63,7 +63,11 @@ def _advisory_lock(engine: Engine, wait: float) -> Iterator[Callable[[], None]]:
     key = {"high": ADVISORY_KEY >> 32, "low": ADVISORY_KEY & 0xFFFF_FFFF}
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         deadline = time.monotonic() + wait
-        while not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": ADVISORY_KEY}).scalar():
+        take = text("SELECT pg_try_advisory_lock(:k), pg_backend_pid()")
+        while True:
+            taken, locking_pid = conn.execute(take, {"k": ADVISORY_KEY}).one()
+            if taken:
+                break
             if time.monotonic() > deadline:
                 holders = ", ".join(
                     f"pid {p} ({app or 'no name'}, {addr})" for p, app, addr in conn.execute(_HOLDER, key)
@@ -76,12 +80,12 @@ def _advisory_lock(engine: Engine, wait: float) -> Iterator[Callable[[], None]]:
 
         def check() -> None:
             try:
-                held = conn.execute(_HELD_BY_ME, key).scalar()
+                held, pid = conn.execute(_HELD_BY_ME, key).one()
             except DBAPIError as exc:
                 raise UpgradeLocked(
                     f"the connection holding the upgrade lock was lost ({exc.orig}); run it again"
                 ) from exc
-            if not held:
+            if not held or pid != locking_pid:
                 raise ConfigurationError(
                     "the upgrade lock (a session-level advisory lock) was taken but is not held by this connection's "
                     "server session: is the database URL a transaction-pooling PgBouncer? Run upgrades on a direct "
