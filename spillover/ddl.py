@@ -32,6 +32,8 @@ log = logging.getLogger("spillover.migrate")
 #: How long one DDL statement may wait for its table lock on Postgres before it is retried.
 LOCK_TIMEOUT = "2s"
 _LOCK_NOT_AVAILABLE = "55P03"
+#: Seconds an SQLite migration leaves the write lock free after an index build (> the busy handler's longest sleep).
+SQLITE_WRITERS_TURN = 0.25
 
 
 def _is_postgres() -> bool:
@@ -145,6 +147,9 @@ def create_index(name: str, table: str, index_columns: Sequence[str]) -> None:
                 if bind.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
                     bind.exec_driver_sql("COMMIT")  # the outbox engine's BEGIN IMMEDIATE opened one
                 bind.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            # Writers queued behind the build poll for the lock (SQLite's busy handler sleeps up to
+            # 100 ms at a time): let them have it before the next statement takes it again.
+            time.sleep(SQLITE_WRITERS_TURN)
             return
         if _invalid_index(name):
             log.warning("index %s was left INVALID by an interrupted build: dropping it and building it again", name)
