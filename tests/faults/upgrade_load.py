@@ -34,21 +34,26 @@ def upgrade_under_load(
     populated_first_release_outbox(url, rows)
     workdir.mkdir(parents=True, exist_ok=True)
     producers = Producers(workdir, url, free_port(), names, pace=0.005, trees=trees)
-    producers.wait(spilled=50)
-    started = time.perf_counter()
-    if upgrade:
-        done = subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=ROOT,
-            env=env_for(None, SPILLOVER_DATABASE_URL=url),
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-    else:
-        time.sleep(2.0)
-    took = time.perf_counter() - started
-    producers.wait(spilled=50)  # and on, after it
+    try:
+        producers.wait(spilled=50)
+        started = time.perf_counter()
+        if upgrade:
+            done = subprocess.run(
+                [sys.executable, "-m", "alembic", "upgrade", "head"],
+                cwd=ROOT,
+                env=env_for(None, SPILLOVER_DATABASE_URL=url),
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            time.sleep(2.0)
+        took = time.perf_counter() - started
+        producers.wait(spilled=50)  # and on, after it
+    except BaseException:
+        for proc in producers.procs:  # a bench run has no fixture to end them
+            proc.kill()
+        raise
     enqueued, reports = producers.finish()
     return UpgradeUnderLoad(rows, took, max(report["max"] for report in reports), enqueued)
