@@ -48,7 +48,12 @@ def main() -> None:
             names, trees = ["old", "new0", "new1"], {"old": old}
             print(f"{kind}: {args.rows:,} rows, baseline (no upgrade)", flush=True)
             base = upgrade_under_load(
-                fresh(kind, workdir, "base", args.postgres), args.rows, workdir / f"{kind}-base", names, trees, upgrade=False
+                fresh(kind, workdir, "base", args.postgres),
+                args.rows,
+                workdir / f"{kind}-base",
+                names,
+                trees,
+                upgrade=False,
             )
             print(f"{kind}: this release's upgrade", flush=True)
             ours = upgrade_under_load(

@@ -27,7 +27,7 @@ from .metrics import register_backlog
 from .outbox import Outbox
 from .redis_side import client_from_url, is_outage, probe_write, resolve_target
 from .replayer import ReplayConfig, Replayer
-from .targets import UNTARGETED, is_host_local_name, setting_for
+from .targets import UNTARGETED, TargetMatcher, is_host_local_name, setting_for
 
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
 
@@ -333,6 +333,7 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
         totals["pending"] += entry["pending"]
         totals["dead"] += entry["dead"]
     redis_state = _redis_state(client)
+    same_redis = TargetMatcher(mine)  # other spellings of this Redis count as this one
     replayers = registry.live(outbox.engine)
     claimed: set[registry.Claim] = set().union(*(r.claims for r in replayers))
     pending = outbox.pending_groups(by_host=is_host_local_name)
@@ -341,7 +342,10 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
         "outbox": outbox.url,
         "redis": {"url": settings.redact(redis_url), "state": redis_state},
         "target": mine,
-        "targets": [{**totals, "this": name == mine} for name, totals in sorted(targets.items(), key=_by_name)],
+        "targets": [
+            {**totals, "this": name is not None and same_redis.same_server(name)}
+            for name, totals in sorted(targets.items(), key=_by_name)
+        ],
         "queues": queues,
         "replayers": [
             {"holder": r.holder, "target": r.target, "host": r.host, "redis_url": r.redis_url} for r in replayers
@@ -367,7 +371,12 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
     for r in replayers:
         click.echo(f"  {r.holder}: target {r.target}, redis {r.redis_url or '?'}")
     for entry in report["targets"]:
-        if not entry["this"]:
+        if entry["target"] is None:
+            click.echo(
+                f"rows with no target (0.1 producers): {entry['pending']} pending, {entry['dead']} dead "
+                "(adopted by a replayer alone on this outbox)"
+            )
+        elif not entry["this"]:
             click.echo(
                 f"other target {entry['target']}: {entry['pending']} pending, {entry['dead']} dead (not this Redis)"
             )

@@ -70,7 +70,8 @@ def run_briefly(sql: str) -> None:
                 bind.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")  # outlives the savepoint otherwise
             return
         except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE or time.monotonic() > deadline:
+            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)  # psycopg 3, psycopg2
+            if code != _LOCK_NOT_AVAILABLE or time.monotonic() > deadline:
                 raise
             log.warning("waiting for a lock on the outbox (%s); retrying in %.1f s", sql.split("(")[0], pause)
             time.sleep(pause)

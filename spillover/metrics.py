@@ -14,6 +14,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from .targets import UNTARGETED
+
 # -- producers -------------------------------------------------------------------------
 
 ENQUEUED = Counter("spillover_enqueued", "Jobs enqueued, by the way they went.", ["queue", "path"])
@@ -76,7 +78,7 @@ class BacklogCollector(Collector):
         oldest = GaugeMetricFamily("spillover_backlog_oldest_seconds", "Age of the oldest pending row.", labels=LABELS)
         dead = GaugeMetricFamily("spillover_dead_rows", "Outbox rows marked dead.", labels=LABELS)
         for entry in self._cached:
-            labels = [entry["target"], entry["queue"]]
+            labels = [entry["target"] or UNTARGETED, entry["queue"]]
             rows.add_metric(labels, entry["pending"])
             oldest.add_metric(labels, entry["oldest_age_s"] or 0.0)
             dead.add_metric(labels, entry["dead"])

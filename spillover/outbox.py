@@ -494,7 +494,7 @@ class Outbox:
                     entry["oldest_age_s"] = round(float(oldest), 1)
                 elif state == DEAD:
                     entry["dead"] = int(count)
-        return [stats[key] for key in sorted(stats)]
+        return [stats[key] for key in sorted(stats, key=lambda key: (key[0] or "", key[1]))]
 
     def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
         query = (

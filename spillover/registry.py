@@ -38,7 +38,8 @@ class Unclaimed:
 
 
 def covers(claims: set[Claim], target: str | None, queue: str, host: str) -> bool:
-    return any(t == target and (h is None or h == host) and (q is None or q == queue) for t, h, q in claims)
+    """Whether a claim covers pending rows of ``target``'s ``queue`` from ``host`` ("": rows not split by host)."""
+    return any(t == target and (h is None or h == host or not host) and (q is None or q == queue) for t, h, q in claims)
 
 
 def renew(engine: Engine, holder: str, target: str, host: str, redis_url: str, claims: list[Claim]) -> None:

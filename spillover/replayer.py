@@ -134,11 +134,20 @@ class Replayer:
                     outbox_wait = min(outbox_wait * 2, 5.0)
                     continue
                 if not moved:
-                    self._commits.wait(self.config.poll_interval, self.stopping)
+                    self._idle()
         finally:
             self._commits.close()
             self.release_leases()
             self._unregister()
+
+    def _idle(self) -> None:
+        """Wait ``poll_interval``, or until a commit wakes us; staying in the registry all the while."""
+        until = time.monotonic() + self.config.poll_interval
+        while not self.stopping.is_set():
+            left = until - time.monotonic()
+            if left <= 0 or self._commits.wait(min(left, registry.RENEW_INTERVAL), self.stopping):
+                return
+            self._keep_registered()
 
     def run_once(self, lease_wait: float | None = None) -> ReplayStats:
         """Drain everything pending and return; ReplayError if Redis or a queue's lease is not to be had."""
@@ -221,11 +230,7 @@ class Replayer:
 
     def _groups_with_rows(self) -> dict[Group, int]:
         """This replayer's row groups with pending rows, and how many; other Redis servers' rows are logged once."""
-        pending = self.outbox.pending_groups(by_host=self.matcher.host_local)
-        self._pending = (time.monotonic(), pending)
-        adopting = self.matcher.adopt_untargeted
-        self._untargeted_queues = {queue for target, queue, *_ in pending if target is None} if adopting else set()
-        mine, foreign = self._classify(pending)
+        mine, foreign = self._see_pending()
         for name, queues in foreign.items():
             if name not in self._foreign_reported and name == "(no target)":
                 self._foreign_reported.add(name)
@@ -245,13 +250,24 @@ class Replayer:
                     name,
                     self.target,
                 )
-        drained = {
-            group: count for group, count in mine.items() if not self.config.queues or group.queue in self.config.queues
-        }
+        return {group: count for group, count in mine.items() if self._drains(group)}
+
+    def _drains(self, group: Group) -> bool:
+        return not self.config.queues or group.queue in self.config.queues
+
+    def _see_pending(self) -> tuple[dict[Group, int], dict[str, dict[str, int]]]:
+        """Read the pending row groups; sort them into this replayer's and others'; note what it claims."""
+        pending = self.outbox.pending_groups(by_host=self.matcher.host_local)
+        self._pending = (time.monotonic(), pending)
+        adopting = self.matcher.adopt_untargeted
+        self._untargeted_queues = {queue for target, queue, *_ in pending if target is None} if adopting else set()
+        mine, foreign = self._classify(pending)
         self._claims = self._own_claims() | {
-            (group.target, group.host, group.queue if self.config.queues else None) for group in drained
+            (group.target, group.host, group.queue if self.config.queues else None)
+            for group in mine
+            if self._drains(group)
         }
-        return drained
+        return mine, foreign
 
     def _own_claims(self) -> set[registry.Claim]:
         """This replayer's own target (on this host, if host-local), on its queues; rows with no target if adopting."""
@@ -437,15 +453,16 @@ class Replayer:
             return
         self._registered_at = time.monotonic()
         engine = self.outbox.engine
-        claims = self._claims or self._own_claims()
-        registry.renew(
-            engine, self.holder, self.target, self.matcher.host, self.config.redis_url, sorted(claims, key=str)
-        )
-        running = registry.live(engine)
-        self.matcher.adopt_untargeted = self.config.adopt_untargeted and all(self._same_redis(r) for r in running)
+        others = [r for r in registry.live(engine) if r.holder != self.holder]
+        self.matcher.adopt_untargeted = self.config.adopt_untargeted and all(self._same_redis(r) for r in others)
+        if time.monotonic() - self._pending[0] > UNCLAIMED_CHECK_INTERVAL:  # no pass lately (Redis down): look
+            self._see_pending()
+        claims = self._claims | self._own_claims()
+        mine = sorted(claims, key=str)
+        registry.renew(engine, self.holder, self.target, self.matcher.host, self.config.redis_url, mine)
         if time.monotonic() - self._unclaimed_checked_at >= UNCLAIMED_CHECK_INTERVAL:
             self._unclaimed_checked_at = time.monotonic()
-            self._report_unclaimed(set().union(*(r.claims for r in running)))
+            self._report_unclaimed(set().union(claims, *(r.claims for r in others)))
 
     def _same_redis(self, other: registry.Replayer) -> bool:
         if not self.matcher.same_server(other.target):
@@ -454,11 +471,7 @@ class Replayer:
 
     def _report_unclaimed(self, claims: set[registry.Claim]) -> None:
         """Rows that no running replayer drains: a gauge, and a warning a minute while they are over a minute old."""
-        taken_at, pending = self._pending
-        if time.monotonic() - taken_at > UNCLAIMED_CHECK_INTERVAL:
-            pending = self.outbox.pending_groups(by_host=self.matcher.host_local)
-        mine = self._classify(pending)[0]  # what this replayer drains now, if its last pass did not see it yet
-        claims = claims | {(group.target, group.host, None) for group in mine}
+        pending = self._pending[1]
         stranded = registry.unclaimed(pending, claims)
         metrics.set_unclaimed({u.group.lease_name: u.rows for u in stranded})
         if not stranded or time.monotonic() - self._unclaimed_warned_at < UNCLAIMED_WARN_AFTER:

@@ -173,7 +173,8 @@ def setting_for(group: Group) -> str:
     where = f" on host {group.host}" if group.host else ""
     if group.target is None:
         return (
-            f"a replayer of this outbox's Redis (rows with no target are adopted unless --no-adopt-untargeted){where}"
+            "one replayer alone on this outbox, of the Redis these rows were meant for (rows with no target are "
+            f"adopted only while no replayer of another Redis runs){where}"
         )
     address = parse(group.target)
     if address is None:

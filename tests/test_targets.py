@@ -259,12 +259,51 @@ def test_rows_with_no_target_are_not_adopted_while_a_replayer_of_another_redis_r
     try:
         wait_for(lambda: len(_status(sqlite_url, a.url)["replayers"]) == 1, 30)
         replay_once(sqlite_url, a.url, "--target", "a")
-        assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}
-        (stranded,) = _status(sqlite_url, a.url)["unclaimed"]
-        assert stranded["target"] is None and stranded["queues"] == ["legacy"]
+        assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}, "a saw b running: not a's to take"
+        assert _status(sqlite_url, a.url)["unclaimed"] == [], "b, alone again, claims it (and drains it once up)"
     finally:
         other.terminate()
         other.communicate(timeout=20)
     wait_for(lambda: _status(sqlite_url, a.url)["replayers"] == [], 30)
     replay_once(sqlite_url, a.url, "--target", "a")  # alone now: it adopts the row
     assert Outbox(sqlite_url).pending_count() == 0
+
+
+def test_status_and_metrics_with_rows_with_and_without_a_target(redis_server, sqlite_url):
+    """After a deploy from 0.1 the outbox holds both kinds; neither report may break on it."""
+    from servers import free_port
+
+    with create_engine(sqlite_url).begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
+                "VALUES ('legacy', 'x', x'90', 'oldhost:1:abc')"
+            )
+        )
+    Queue("mixed", connection=redis.Redis(host="127.0.0.1", port=1), outbox=sqlite_url, target="cache-q").enqueue(
+        jobs.noop
+    )
+    report = _status(sqlite_url, redis_server.url)
+    assert {(t["target"], t["pending"]) for t in report["targets"]} == {(None, 1), ("cache-q", 1)}
+    status = [
+        sys.executable,
+        "-m",
+        "spillover",
+        "status",
+        "--database-url",
+        sqlite_url,
+        "--redis-url",
+        redis_server.url,
+    ]
+    text_report = subprocess.run(status, capture_output=True, text=True, check=True, env=env_with_tests()).stdout
+    assert "rows with no target (0.1 producers): 1 pending" in text_report
+    port = free_port()
+    proc = replayer(sqlite_url, "redis://127.0.0.1:1/0", "--metrics-port", str(port), "--target", "cache-z")
+    try:
+        wait_for(lambda: http_get(port, "/metrics")[0] == 200, 30)
+        body = http_get(port, "/metrics")[1]
+        assert 'spillover_backlog_rows{queue="legacy",target="(untargeted)"} 1.0' in body, body[-2000:]
+        assert 'spillover_backlog_rows{queue="mixed",target="cache-q"} 1.0' in body
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
