@@ -467,6 +467,26 @@ def dead_purge(database_url: str, row_id: int | None, all_rows: bool) -> None:
 
 
 @main.command()
+@database_option
+@click.argument("old")
+@click.argument("new")
+@click.option(
+    "--host", default=None, help="Only rows whose producer ran on this host (for loopback and socket targets)."
+)
+def retarget(database_url: str, old: str, new: str, host: str | None) -> None:
+    """Give pending rows of target OLD ('(no target)': rows without one) the target NEW.
+
+    For rows that no replayer recognises: written on a host that is gone, or given a wrong target by
+    0.2.0's migration. `spillover status` lists them as UNCLAIMED. A replayer draining them meanwhile
+    is harmless: the delivery markers keep each job once.
+    """
+    outbox = Outbox(database_url, max_backlog=0)
+    outbox.check_schema()
+    count = outbox.retarget(None if old == "(no target)" else old, new, host)
+    click.echo(f"{count} pending row(s) now meant for {new}")
+
+
+@main.command()
 @env_option(
     "--redis-url",
     env="SPILLOVER_REDIS_URL",

@@ -526,6 +526,17 @@ class Outbox:
             result = conn.execute(query.values(state=PENDING, attempts=0, ambiguous=False, updated_at=func.now()))
             return result.rowcount or 0
 
+    def retarget(self, old: str | None, new: str, host: str | None = None) -> int:
+        """Name ``new`` as the Redis of the pending rows of ``old`` (None: rows with no target), from ``host`` only
+        if given; how many. For rows no replayer can recognise: written on a host that is gone, or given a
+        wrong target by an old migration."""
+        query = update(outbox).where(outbox.c.state == PENDING)
+        query = query.where(outbox.c.target.is_(None) if old is None else outbox.c.target == old)
+        if host is not None:
+            query = query.where(func.substr(outbox.c.producer, 1, len(host) + 1) == f"{host}:")
+        with self._transaction() as conn:
+            return conn.execute(query.values(target=new, updated_at=func.now())).rowcount or 0
+
     def purge_dead(self, row_id: int | None) -> int:
         query = delete(outbox).where(outbox.c.state == DEAD)
         if row_id is not None:

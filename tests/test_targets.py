@@ -307,3 +307,20 @@ def test_status_and_metrics_with_rows_with_and_without_a_target(redis_server, sq
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_retarget_hands_stranded_rows_to_a_running_replayer(redis_server, sqlite_url):
+    """Rows written on a host that is gone (a loopback name), handed to this host's Redis, then replayed."""
+    redis_server.kill()
+    ids = _spill_through(redis.Redis(host="localhost", port=redis_server.port), sqlite_url, "gone", 4)
+    name = f"localhost:{redis_server.port}/0"
+    with create_engine(sqlite_url).begin() as conn:  # as if a pod now gone had written them
+        conn.execute(text("UPDATE spillover_outbox SET producer = 'old-pod:1:abcd'"))
+    redis_server.start()
+    replay_once(sqlite_url, redis_server.url)
+    assert queued(redis_server.client(), "gone") == [], "another host's loopback rows: not ours"
+    command = [sys.executable, "-m", "spillover", "retarget", "--database-url", sqlite_url, name, "cache-main"]
+    out = subprocess.run([*command, "--host", "old-pod"], capture_output=True, text=True, env=env_with_tests())
+    assert out.returncode == 0 and "4 pending row(s) now meant for cache-main" in out.stdout, out.stderr
+    replay_once(sqlite_url, redis_server.url, "--target", "cache-main")
+    assert queued(redis_server.client(), "gone") == ids
