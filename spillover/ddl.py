@@ -34,6 +34,8 @@ LOCK_TIMEOUT = "2s"
 _LOCK_NOT_AVAILABLE = "55P03"
 #: Seconds an SQLite migration leaves the write lock free after an index build (> the busy handler's longest sleep).
 SQLITE_WRITERS_TURN = 0.25
+#: An SQLite index build shorter than this (s) is followed by neither the checkpoint nor the pause.
+SQLITE_LONG_BUILD = 0.05
 
 
 def _is_postgres() -> bool:
@@ -141,7 +143,10 @@ def create_index(name: str, table: str, index_columns: Sequence[str]) -> None:
     with op.get_context().autocommit_block():
         if not _is_postgres():
             bind = op.get_bind()
+            started = time.monotonic()
             bind.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({listed})")
+            if time.monotonic() - started < SQLITE_LONG_BUILD:
+                return  # a small table: nobody had time to queue behind it
             if bind.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal":
                 # The new index's pages sit in the WAL: copy them into the database here, or the next
                 # producer to commit runs that checkpoint (tens of MB, fsynced) inside its enqueue.
