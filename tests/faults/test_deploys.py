@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 from checks import Producers, assert_exactly_once_in_order, start_replayer, stop, wait_drained
+from helpers import http_get, wait_for
 from releases import alembic_upgrade, release_tree
-from servers import create_database
+from servers import create_database, free_port
 from sqlalchemy import create_engine, inspect, text
 
 from spillover.schema import VERSION_TABLE
@@ -69,9 +70,12 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
     producers.wait(spilled=200)  # all of them, old ones too, spill on into the new schema
 
     server.start()
-    replayers = [start_replayer(url, server.url)]
+    ports = [free_port(), free_port()]
+    replayers = [start_replayer(url, server.url, "--metrics-port", str(ports[0]))]
     if previous == "0.2.0":  # the previous release's replayer is still running beside the new one
-        replayers.append(start_replayer(url, server.url, tree=old))
+        replayers.append(start_replayer(url, server.url, "--metrics-port", str(ports[1]), tree=old))
+    for port in ports[: len(replayers)]:  # both are up (serving), so both take part in the drain
+        wait_for(lambda port=port: http_get(port, "/metrics")[0] == 200, timeout=60)
     producers.wait(direct=30)  # each producer is back on Redis: its spilled rows are in RQ
     enqueued, reports = producers.finish()
     wait_drained(url, server.client(), sum(enqueued.values()))
