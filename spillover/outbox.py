@@ -358,14 +358,14 @@ class Outbox:
 
     # -- replayer side -------------------------------------------------------------
 
-    def pending_by_target(self) -> dict[str, dict[str, int]]:
-        """Pending rows per target and queue: {target: {queue: rows}}."""
+    def pending_by_target(self) -> dict[str | None, dict[str, int]]:
+        """Pending rows per target and queue: {target: {queue: rows}} (target None: rows without one)."""
         query = (
             select(outbox.c.target, outbox.c.queue, func.count())
             .where(outbox.c.state == PENDING)
             .group_by(outbox.c.target, outbox.c.queue)
         )
-        found: dict[str, dict[str, int]] = {}
+        found: dict[str | None, dict[str, int]] = {}
         with self._transaction(read_only=True) as conn:
             for target, queue, count in conn.execute(query):
                 found.setdefault(target, {})[queue] = int(count)
