@@ -86,3 +86,17 @@ def populated_first_release_outbox(url: str, rows: int) -> None:
     with engine.begin() as conn:
         conn.execute(text(_FILL[engine.dialect.name]), {"rows": rows})
     engine.dispose()
+
+
+def insert_untargeted_row(url: str, queue: str) -> None:
+    """A pending row as a 0.1 producer writes it: no target (its job hash is an empty MessagePack array)."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
+                "VALUES (:queue, 'legacy-job', :hash, 'oldhost:1:abc')"
+            ),
+            {"queue": queue, "hash": b"\x90"},
+        )
+    engine.dispose()

@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from helpers import ROOT, replay_once
+from releases import insert_untargeted_row
 from servers import free_port
 from sqlalchemy import create_engine, inspect, text
 
@@ -117,13 +118,7 @@ def test_a_populated_outbox_upgraded_with_no_redis_settings_is_replayed_by_its_r
 
 
 def test_an_untargeted_row_is_left_alone_with_no_adopt_untargeted(redis_server, sqlite_url):
-    with create_engine(sqlite_url).begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
-                "VALUES ('legacy', 'x', x'90', 'oldhost:1:abc')"
-            )
-        )
+    insert_untargeted_row(sqlite_url, "legacy")
     replay_once(sqlite_url, redis_server.url, "--no-adopt-untargeted")
     assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}
 

@@ -10,6 +10,7 @@ import jobs
 import pytest
 import redis
 from helpers import env_with_tests, http_get, replay_once, wait_for
+from releases import insert_untargeted_row
 from sqlalchemy import create_engine, text
 from test_replayer import queued, replayer
 
@@ -57,15 +58,17 @@ def _spill_to_both(sqlite_url: str, a, b) -> tuple[list[str], list[str]]:
     return [f"a{i}" for i in range(5)], [f"b{i}" for i in range(5)]
 
 
-def _status(sqlite_url: str, redis_url: str) -> dict:
+def _status_text(sqlite_url: str, redis_url: str, *extra: str) -> str:
+    """What `spillover status` prints."""
+    command = [sys.executable, "-m", "spillover", "status", *extra, "--database-url", sqlite_url]
     out = subprocess.run(
-        [sys.executable, "-m", "spillover", "status", "--json", "--database-url", sqlite_url, "--redis-url", redis_url],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env_with_tests(),
+        [*command, "--redis-url", redis_url], capture_output=True, text=True, check=True, env=env_with_tests()
     )
-    return json.loads(out.stdout)
+    return out.stdout
+
+
+def _status(sqlite_url: str, redis_url: str) -> dict:
+    return json.loads(_status_text(sqlite_url, redis_url, "--json"))
 
 
 def test_two_redis_servers_one_outbox_each_replayer_drains_its_own(make_redis, sqlite_url):
@@ -206,22 +209,7 @@ def test_rows_nobody_drains_are_a_gauge_a_warning_and_a_status_line(redis_server
         (stranded,) = report["unclaimed"]
         assert stranded["target"] == "cache-x" and stranded["queues"] == ["orphans"]
         assert stranded["would_drain"] == "a replayer with --target 'cache-x'"
-        text_report = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "spillover",
-                "status",
-                "--database-url",
-                sqlite_url,
-                "--redis-url",
-                redis_server.url,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env_with_tests(),
-        ).stdout
+        text_report = _status_text(sqlite_url, redis_server.url)
         assert "UNCLAIMED: 2 pending row(s) of target cache-x" in text_report
     finally:
         proc.terminate()
@@ -247,13 +235,7 @@ def test_once_a_replayer_of_that_target_runs_its_rows_are_claimed(redis_server, 
 def test_rows_with_no_target_are_not_adopted_while_a_replayer_of_another_redis_runs(make_redis, sqlite_url):
     """0.1 had one Redis per outbox; with two, nobody can tell whose such a row is: it waits, and is reported."""
     a, b = make_redis(), make_redis()
-    with create_engine(sqlite_url).begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
-                "VALUES ('legacy', 'x', x'90', 'oldhost:1:abc')"
-            )
-        )
+    insert_untargeted_row(sqlite_url, "legacy")
     b.kill()  # b's replayer runs (and says so in the registry) but cannot drain: its Redis is down
     other = replayer(sqlite_url, b.url, "--poll-interval", "0.1", "--target", "b")
     try:
@@ -273,29 +255,13 @@ def test_status_and_metrics_with_rows_with_and_without_a_target(redis_server, sq
     """After a deploy from 0.1 the outbox holds both kinds; neither report may break on it."""
     from servers import free_port
 
-    with create_engine(sqlite_url).begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO spillover_outbox (queue, job_id, job_hash, producer) "
-                "VALUES ('legacy', 'x', x'90', 'oldhost:1:abc')"
-            )
-        )
+    insert_untargeted_row(sqlite_url, "legacy")
     Queue("mixed", connection=redis.Redis(host="127.0.0.1", port=1), outbox=sqlite_url, target="cache-q").enqueue(
         jobs.noop
     )
     report = _status(sqlite_url, redis_server.url)
     assert {(t["target"], t["pending"]) for t in report["targets"]} == {(None, 1), ("cache-q", 1)}
-    status = [
-        sys.executable,
-        "-m",
-        "spillover",
-        "status",
-        "--database-url",
-        sqlite_url,
-        "--redis-url",
-        redis_server.url,
-    ]
-    text_report = subprocess.run(status, capture_output=True, text=True, check=True, env=env_with_tests()).stdout
+    text_report = _status_text(sqlite_url, redis_server.url)
     assert "rows with no target (0.1 producers): 1 pending" in text_report
     port = free_port()
     proc = replayer(sqlite_url, "redis://127.0.0.1:1/0", "--metrics-port", str(port), "--target", "cache-z")
