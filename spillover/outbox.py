@@ -150,7 +150,7 @@ class Outbox:
         self._estimated_at = -1e9
         self._is_sqlite = self.engine.dialect.name == "sqlite"
         self._dbapi_error: type[Exception] = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
-        # The row shape the table has (0.1's has no target): read on first use, see _columns_written.
+        # The row shape the table has (0.1's has no target): read on first use, see writes_target.
         self._writes_target: bool | None = None
         self._shape_read_at = -1e9
         if hasattr(os, "register_at_fork"):

@@ -89,12 +89,12 @@ class Replayer:
         # a queue that producers keep filling is drained without taking its lease again each time.
         self._held: dict[Group, QueueLease] = {}
         self._untargeted_queues: set[str] = set()  # queues with rows that have no target
-        self._claims: set[registry.Claim] = set()  # the row groups this replayer drains, as the registry says
+        self._claims: set[registry.Claim] = set()  # the targeted row groups it drained at its last look
         self._pending: tuple[float, list[PendingGroup]] = (-1e9, [])  # the last pass's look at the outbox
         self._registered_at = -1e9
         self._unclaimed_checked_at = -1e9
         self._unclaimed_warned_at = -1e9
-        self._foreign_reported: set[str] = set()  # other targets whose rows we have logged once
+        self._foreign_reported: set[str | None] = set()  # other targets whose rows we have logged once
         self.script = ReplayScript(client, self.config.marker_ttl)
         self.stats = ReplayStats()
         self.stopping = threading.Event()
@@ -231,23 +231,24 @@ class Replayer:
     def _groups_with_rows(self) -> dict[Group, int]:
         """This replayer's row groups with pending rows, and how many; other Redis servers' rows are logged once."""
         mine, foreign = self._see_pending()
-        for name, queues in foreign.items():
-            if name not in self._foreign_reported and name == "(no target)":
-                self._foreign_reported.add(name)
+        for target, queues in foreign.items():
+            if target in self._foreign_reported:
+                continue
+            self._foreign_reported.add(target)
+            if target is None:
                 log.warning(
                     "%d pending row(s) in queue(s) %s have no target (0.1 producers) and a replayer of another Redis "
                     "runs on this outbox: left until one replayer is alone on it (or --adopt-untargeted elsewhere)",
                     sum(queues.values()),
                     ", ".join(sorted(queues)),
                 )
-            elif name not in self._foreign_reported:
-                self._foreign_reported.add(name)
+            else:
                 log.warning(
                     "%d pending row(s) in queue(s) %s are meant for redis %r, not this replayer's %r: "
                     "left for a replayer of that target (--target / SPILLOVER_TARGET)",
                     sum(queues.values()),
                     ", ".join(sorted(queues)),
-                    name,
+                    target,
                     self.target,
                 )
         return {group: count for group, count in mine.items() if self._drains(group)}
@@ -255,17 +256,18 @@ class Replayer:
     def _drains(self, group: Group) -> bool:
         return not self.config.queues or group.queue in self.config.queues
 
-    def _see_pending(self) -> tuple[dict[Group, int], dict[str, dict[str, int]]]:
+    def _see_pending(self) -> tuple[dict[Group, int], dict[str | None, dict[str, int]]]:
         """Read the pending row groups; sort them into this replayer's and others'; note what it claims."""
         pending = self.outbox.pending_groups(by_host=self.matcher.host_local)
         self._pending = (time.monotonic(), pending)
         adopting = self.matcher.adopt_untargeted
         self._untargeted_queues = {queue for target, queue, *_ in pending if target is None} if adopting else set()
         mine, foreign = self._classify(pending)
-        self._claims = self._own_claims() | {
+        # Rows with no target are claimed by _own_claims, as adoption stands at each renewal.
+        self._claims = {
             (group.target, group.host, group.queue if self.config.queues else None)
             for group in mine
-            if self._drains(group)
+            if self._drains(group) and group.target is not None
         }
         return mine, foreign
 
@@ -278,14 +280,14 @@ class Replayer:
             claims |= {(None, None, queue) for queue in queues}
         return claims
 
-    def _classify(self, pending: list[PendingGroup]) -> tuple[dict[Group, int], dict[str, dict[str, int]]]:
+    def _classify(self, pending: list[PendingGroup]) -> tuple[dict[Group, int], dict[str | None, dict[str, int]]]:
         """Pending rows split into this replayer's groups (rows per group) and other targets' (rows per queue)."""
         mine: dict[Group, int] = {}
-        foreign: dict[str, dict[str, int]] = {}
+        foreign: dict[str | None, dict[str, int]] = {}
         for target, queue, host, count in pending:
             group = self.matcher.group(target, queue, host)
             if group is None:
-                queues = foreign.setdefault(target if target is not None else "(no target)", {})
+                queues = foreign.setdefault(target, {})
                 queues[queue] = queues.get(queue, 0) + count
             else:
                 mine[group] = mine.get(group, 0) + count
