@@ -190,7 +190,14 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     type=click.IntRange(60),
     default=settings.DEFAULT_MARKER_TTL,
     env="SPILLOVER_MARKER_TTL",
-    help="Seconds a delivery marker lives in Redis (keep equal on producers).",
+    help="Seconds a delivery marker lives while its row is in the outbox (the backstop; keep equal on producers).",
+)
+@env_option(
+    "--delivery-window",
+    type=click.FloatRange(1),
+    default=settings.DEFAULT_DELIVERY_WINDOW,
+    env="SPILLOVER_DELIVERY_WINDOW",
+    help="Seconds a push may take to reach Redis (later, it writes nothing), and a settled marker lives.",
 )
 @env_option(
     "--retention",
@@ -249,6 +256,7 @@ def replay_main(
     batch_size: int,
     poll_interval: float,
     marker_ttl: int,
+    delivery_window: float,
     retention: float,
     max_attempts: int,
     lease_ttl: float,
@@ -272,14 +280,15 @@ def replay_main(
     _setup_logging(log_level, log_format)
     names = [name for value in queues for name in value.split()]
     config = ReplayConfig(
-        batch_size,
-        poll_interval,
-        marker_ttl,
-        retention,
-        max_attempts,
-        lease_ttl,
-        names,
-        target,
+        batch_size=batch_size,
+        poll_interval=poll_interval,
+        marker_ttl=marker_ttl,
+        delivery_window=delivery_window,
+        retention=retention,
+        max_attempts=max_attempts,
+        lease_ttl=lease_ttl,
+        queues=names,
+        target=target,
         adopt_untargeted=adopt_untargeted,
         redis_url=settings.redact(redis_url),
     )

@@ -32,6 +32,8 @@ from .outbox import Outbox
 from .queue import Queue, was_spilled
 from .redis_side import client_from_url, resolve_target
 from .replayer import ReplayConfig, Replayer
+from .settings import MARKER_PREFIX
+from .stored_job import delivery_prefix
 
 
 def record_execution(run: str, seq: int) -> None:
@@ -157,7 +159,8 @@ def run_drill(
 def leave_nothing_behind(conn: redis.Redis, run: str, queue_name: str) -> None:
     """Remove every key the drill made (jobs, results, markers, registries, its worker, its queue)."""
     with contextlib.suppress(redis.RedisError):
-        for pattern in (f"*{queue_name}*", f"*drill-{run}-*", f"spillover:drill:{run}:*"):
+        mine = MARKER_PREFIX + delivery_prefix() + "*"  # the markers of this process's deliveries
+        for pattern in (f"*{queue_name}*", f"*drill-{run}-*", f"spillover:drill:{run}:*", mine):
             keys = list(conn.scan_iter(match=pattern, count=1000))
             if keys:
                 conn.delete(*keys)

@@ -53,6 +53,13 @@ class FaultProxy:
         """Send what ``hold`` kept to the server, then close those connections; bytes delivered."""
         return asyncio.run_coroutine_threadsafe(self._deliver_held(), self._loop).result(10)
 
+    def held_bytes(self) -> int:
+        """Bytes kept so far in ``hold`` mode, not yet delivered."""
+        return asyncio.run_coroutine_threadsafe(self._held_bytes(), self._loop).result(5)
+
+    async def _held_bytes(self) -> int:
+        return sum(len(data) for data, _, _ in self._held)
+
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)

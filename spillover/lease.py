@@ -6,8 +6,9 @@ replayer at a time (order), and different queues by different replayers at once.
 A lease expires ``ttl`` seconds after its last renewal (by the database's clock, so
 hosts with skewed clocks agree), so a standby takes a queue over within ``ttl``
 seconds of its drainer dying or stalling. A stalled drainer that wakes up with a
-batch in hand is harmless: the replay script skips every job whose delivery
-marker the new drainer has set.
+batch in hand is harmless: each holder has an epoch (raised with every new holder,
+kept when the lease is given back), which the replayer raises in Redis as the
+queue's fence before its first batch; a batch carrying an older token writes nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, delete, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from .pusher import Fence
 from .schema import queue_lease
 
 
@@ -49,6 +51,35 @@ class QueueLease:
         self.queue = queue
         self._renewed_at = -1e9
         self._mine = (queue_lease.c.target == target) & (queue_lease.c.queue == queue)
+        #: This holder's epoch, from the outbox: raised with each new holder of the queue.
+        self.epoch = 0
+        #: The fence raised in Redis for this holding (None: raise it before the next batch).
+        self.fence: Fence | None = None
+        self._last_token = 0
+
+    def next_token(self) -> int:
+        """The least token the next fence raised in Redis may carry: above this epoch and any earlier token."""
+        return max(self.epoch, self._last_token + 1)
+
+    def fenced(self, fence: Fence) -> None:
+        """The fence is raised in Redis for this holding; the outbox keeps its token as the epoch to go above,
+        so that tokens keep growing should Redis forget the fence (a restart without persistence)."""
+        self.fence = fence
+        self._last_token = fence.token
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(queue_lease)
+                .where(
+                    self._mine, queue_lease.c.holder == self.holder, func.coalesce(queue_lease.c.epoch, 0) < fence.token
+                )
+                .values(epoch=fence.token)
+            )
+        self.epoch = max(self.epoch, fence.token)
+
+    def fence_refused(self) -> None:
+        """Redis refused our token: look at the lease in the outbox again, and raise the fence again if it is ours."""
+        self.fence = None
+        self._renewed_at = -1e9
 
     def hold(self) -> bool:
         """Still ours? Renews in the database only once a third of the TTL has passed.
@@ -70,27 +101,38 @@ class QueueLease:
         return False
 
     def _take(self) -> bool:
+        # A renewal keeps the epoch; a new holder (after expiry or release) raises it.
+        epoch = case(
+            (queue_lease.c.holder == self.holder, func.coalesce(queue_lease.c.epoch, 1)),
+            else_=func.coalesce(queue_lease.c.epoch, 0) + 1,
+        )
         with self.engine.begin() as conn:
             now = db_now(conn)
             taken = conn.execute(
                 update(queue_lease)
                 .where(self._mine, or_(queue_lease.c.holder == self.holder, queue_lease.c.expires_at < now))
-                .values(holder=self.holder, expires_at=now + self.ttl)
-            ).rowcount
-        if taken:
-            return True
-        try:
-            with self.engine.begin() as conn:
-                row = {"target": self.target, "queue": self.queue, "holder": self.holder}
-                conn.execute(insert(queue_lease).values(**row, expires_at=db_now(conn) + self.ttl))
-        except IntegrityError:
-            return False
+                .values(holder=self.holder, expires_at=now + self.ttl, epoch=epoch)
+                .returning(queue_lease.c.epoch)
+            ).scalar()
+        if taken is None:
+            try:
+                with self.engine.begin() as conn:
+                    row = {"target": self.target, "queue": self.queue, "holder": self.holder, "epoch": 1}
+                    conn.execute(insert(queue_lease).values(**row, expires_at=db_now(conn) + self.ttl))
+            except IntegrityError:
+                return False
+            taken = 1
+        if int(taken) != self.epoch:
+            self.epoch, self.fence = int(taken), None  # a holding of its own: raise the fence again
         return True
 
     def release(self) -> None:
+        """Give the lease back: it expires now. The row stays, with its epoch, so that epochs only grow."""
         self._renewed_at = -1e9
         with self.engine.begin() as conn:
-            conn.execute(delete(queue_lease).where(self._mine, queue_lease.c.holder == self.holder))
+            conn.execute(
+                update(queue_lease).where(self._mine, queue_lease.c.holder == self.holder).values(expires_at=0)
+            )
 
 
 def live_leases(engine: Engine) -> list[LeaseInfo]:

@@ -1,39 +1,47 @@
-"""Delivery markers that nobody will look for: deleted soon after the write they guard.
+"""Markers whose delivery is no longer in doubt, settled in batches off the caller's path.
 
-Every write into RQ sets ``spillover:delivered:<job id>`` so that a second delivery of
-the same job (a late request, a replay, a second replayer) writes nothing. A marker is
-needed only while a delivery may still come: for replayed rows and for direct writes
-whose reply was lost. A direct write whose reply came back needs none, so producers
-collect those job ids and delete their markers in one command every half second (and
-when the process exits), instead of leaving ~100 bytes per job in Redis for a week.
+A marker must live while its row may still be sent again, and while a request carrying it
+may still arrive (until that request's deadline). Once the row is gone from the outbox (or,
+for a direct write whose reply came back, never existed) the marker is settled: shortened
+to one delivery window, or deleted at once when no other request can carry it. Producers
+and the replayer hand those deliveries to a settler, which settles them in one script call
+per batch every half second (and when the process exits). A marker whose settling fails
+lives for the backstop (``SPILLOVER_MARKER_TTL``): memory, never a duplicate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import redis
-
-from .settings import MARKER_PREFIX
+from .pusher import Pusher
 from .sweeper import Sweeper
 
-#: Keys per DEL command.
+#: Markers per script call.
 CHUNK = 1000
 
+#: (job id, delivery id or None for a row of a release before 0.4, settle at once?)
+Settled = tuple[str, str | None, bool]
 
-class ConfirmedMarkers(Sweeper[str]):
-    """Markers of one Redis server's confirmed direct writes, waiting to be deleted."""
+
+class Settler(Sweeper[Settled]):
+    """Settles the markers of one Redis server's deliveries that are no longer in doubt."""
 
     name = "spillover-markers"
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, pusher: Pusher) -> None:
         super().__init__()
-        self.client = client
+        self.pusher = pusher
 
-    def confirmed(self, job_ids: list[str]) -> None:
-        """These jobs' direct writes were acknowledged by Redis: their markers may go."""
-        self.add(job_ids)
+    def confirmed(self, items: Sequence[tuple[str, str | None]]) -> None:
+        """Direct writes whose reply came back: no row, no other request with them; delete at once."""
+        self.add([(job_id, delivery, True) for job_id, delivery in items])
 
-    def delete(self, job_ids: Sequence[str]) -> None:
-        for start in range(0, len(job_ids), CHUNK):
-            self.client.delete(*(MARKER_PREFIX + job_id for job_id in job_ids[start : start + CHUNK]))
+    def gone(self, items: Sequence[tuple[str, str | None]]) -> None:
+        """Deliveries whose rows are deleted from the outbox: keep their markers one window more."""
+        self.add([(job_id, delivery, False) for job_id, delivery in items])
+
+    def delete(self, items: Sequence[Settled]) -> None:
+        for at_once in (True, False):
+            picked = [(job_id, delivery) for job_id, delivery, now in items if now is at_once]
+            for start in range(0, len(picked), CHUNK):
+                self.pusher.settle(picked[start : start + CHUNK], at_once=at_once)

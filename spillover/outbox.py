@@ -43,6 +43,7 @@ class OutboxRow(NamedTuple):
     id: int
     queue: str
     job_id: str
+    delivery: str | None
     job_hash: bytes
     at_front: bool
     scheduled_at: int | None
@@ -150,8 +151,8 @@ class Outbox:
         self._estimated_at = -1e9
         self._is_sqlite = self.engine.dialect.name == "sqlite"
         self._dbapi_error: type[Exception] = self.engine.dialect.dbapi.Error  # type: ignore[union-attr]
-        # The row shape the table has (0.1's has no target): read on first use, see writes_target.
-        self._writes_target: bool | None = None
+        # The row shape the table has (0.1's has no target, 0.3's no delivery): read on first use, see shape().
+        self._shape: RowShape | None = None
         self._shape_read_at = -1e9
         if hasattr(os, "register_at_fork"):
             engine_ref = weakref.ref(self.engine)
@@ -180,8 +181,8 @@ class Outbox:
         was never migrated (or is behind) is named as such instead of failing later.
         """
         checks = {
-            outbox.name: select(outbox.c.target).limit(0),
-            queue_lease.name: select(queue_lease.c.holder).limit(0),
+            outbox.name: select(outbox.c.target, outbox.c.delivery).limit(0),
+            queue_lease.name: select(queue_lease.c.holder, queue_lease.c.epoch).limit(0),
             replayer_registry.name: select(replayer_registry.c.claims).limit(0),
         }
         for table, query in checks.items():
@@ -210,22 +211,32 @@ class Outbox:
         self.reserve_backlog(len(jobs))
         producer = producer_id()
         rows = [
-            (job.target, job.queue, job.job_id, job.job_hash, job.at_front, job.scheduled_at, job.ambiguous, producer)
+            (
+                job.target,
+                job.delivery,
+                job.queue,
+                job.job_id,
+                job.job_hash,
+                job.at_front,
+                job.scheduled_at,
+                job.ambiguous,
+                producer,
+            )
             for job in jobs
         ]
         try:
             return self._insert(rows)
         except OutboxNotMigrated:
-            if not self._writes_target:
+            if self._shape is None or self._shape == RowShape():
                 raise
-            self._writes_target = None  # the table lost a column we write (a downgrade): look again
+            self._shape = None  # the table lost a column we write (a downgrade): look again
             return self._insert(rows)
 
     def _insert(self, rows: list[tuple[Any, ...]]) -> list[int]:
-        with_target = self.writes_target()
-        if not with_target:
-            rows = [row[1:] for row in rows]
-        sql = _insert_sql(1 if self._is_sqlite else len(rows), self._is_sqlite, with_target)
+        shape = self.shape()
+        if shape != FULL_SHAPE:
+            rows = [shape.pick(row) for row in rows]
+        sql = _insert_sql(1 if self._is_sqlite else len(rows), self._is_sqlite, shape)
 
         def insert_each(cursor: Any) -> list[int]:
             ids = []
@@ -242,25 +253,33 @@ class Outbox:
             return self._raw(insert_each, sql)
         return self._raw(insert_at_once, sql, single_statement=True)
 
-    def writes_target(self) -> bool:
-        """Whether the table has the ``target`` column (schema 0002 and later) for rows to name their Redis.
+    def shape(self) -> RowShape:
+        """Which of the columns later migrations added the table has: ``target`` (0002), ``delivery`` (0004).
 
         A producer of this release may start before the deploy's migration has run: until then
-        it writes the row shape the table has, and the outbox's replayer adopts those rows. Read
-        from the table on first use, and again every few seconds while the column is missing.
+        it writes the row shape the table has, and the outbox's replayer drains those rows as
+        the previous release's. Read from the table on first use, and again every few seconds
+        while a column is missing.
         """
-        stale = self._writes_target is False and time.monotonic() - self._shape_read_at > SHAPE_RECHECK_INTERVAL
-        if self._writes_target is None or stale:
-            # The column by name, not SELECT *: Postgres refuses a prepared SELECT * whose columns
-            # changed ("cached plan must not change result type"), and psycopg prepares repeated queries.
-            sql = "SELECT target FROM spillover_outbox WHERE 1 = 0"
-            try:
-                self._raw(lambda cursor: cursor.execute(sql), sql, write=False, single_statement=True)
-                self._writes_target = True
-            except OutboxNotMigrated:
-                self._writes_target = False  # no such column (or no table: the INSERT will say so)
+        stale = self._shape != FULL_SHAPE and time.monotonic() - self._shape_read_at > SHAPE_RECHECK_INTERVAL
+        if self._shape is None or stale:
+            self._shape = RowShape(self._has_column("target"), self._has_column("delivery"))
             self._shape_read_at = time.monotonic()
-        return self._writes_target
+        return self._shape
+
+    def writes_target(self) -> bool:
+        """Whether rows can name their Redis (schema 0002 and later)."""
+        return self.shape().target
+
+    def _has_column(self, column: str) -> bool:
+        # The column by name, not SELECT *: Postgres refuses a prepared SELECT * whose columns
+        # changed ("cached plan must not change result type"), and psycopg prepares repeated queries.
+        sql = f"SELECT {column} FROM spillover_outbox WHERE 1 = 0"
+        try:
+            self._raw(lambda cursor: cursor.execute(sql), sql, write=False, single_statement=True)
+        except OutboxNotMigrated:
+            return False  # no such column (or no table: the INSERT will say so)
+        return True
 
     def _raw(self, work: Callable[[Any], T], sql: str, write: bool = True, single_statement: bool = False) -> T:
         """Run ``work(cursor)`` in one transaction on the pool's DBAPI connection.
@@ -340,9 +359,9 @@ class Outbox:
 
         Its rows without a target (written before the migration that added it) are its target's too.
         """
-        with_target = self.writes_target()
-        sql = _OWN_SQL[self._is_sqlite, with_target]
-        params = (producer_id(), target, queue, limit) if with_target else (producer_id(), queue, limit)
+        shape = self.shape()
+        sql = _own_sql(self._is_sqlite, shape)
+        params = (producer_id(), target, queue, limit) if shape.target else (producer_id(), queue, limit)
         return self._raw(lambda cursor: _fetch(cursor, sql, params), sql, write=False, single_statement=True)
 
     def present(self, ids: Sequence[int]) -> set[tuple[int, str]]:
@@ -560,12 +579,35 @@ def _seconds_ago(engine: Engine, seconds: float) -> Any:
 
 # The replay hot path in each dialect's own SQL: an id list is one parameter (a JSON
 # array for SQLite, an array for Postgres) instead of one bound parameter per id.
-_COLUMNS = "id, queue, job_id, job_hash, at_front, scheduled_at, ambiguous, attempts"
-# Pending rows as OutboxRow reads them: its columns and the row's age, by the database's clock.
-_SELECT_ROWS = {
-    True: f"SELECT {_COLUMNS}, (julianday('now') - julianday(created_at)) * 86400.0 FROM spillover_outbox ",
-    False: f"SELECT {_COLUMNS}, extract(epoch from now() - created_at)::float8 FROM spillover_outbox ",
+_COLUMNS = "id, queue, job_id, {delivery}, job_hash, at_front, scheduled_at, ambiguous, attempts"
+_AGE = {
+    True: "(julianday('now') - julianday(created_at)) * 86400.0",
+    False: "extract(epoch from now() - created_at)::float8",
 }
+
+
+def _select_rows(sqlite: bool, delivery: bool = True) -> str:
+    """Pending rows as OutboxRow reads them: its columns and the row's age, by the database's clock."""
+    columns = _COLUMNS.format(delivery="delivery" if delivery else "NULL AS delivery")
+    return f"SELECT {columns}, {_AGE[sqlite]} FROM spillover_outbox "
+
+
+class RowShape(NamedTuple):
+    """Which optional columns the outbox table has (see ``Outbox.shape``)."""
+
+    target: bool = False
+    delivery: bool = False
+
+    def pick(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An insert row (target, delivery, the rest ...) without the columns the table lacks."""
+        keep = (self.target, self.delivery)
+        return tuple(value for n, value in enumerate(row) if n > 1 or keep[n])
+
+    def insert_columns(self) -> tuple[str, ...]:
+        return self.pick(_INSERT_COLUMNS)
+
+
+FULL_SHAPE = RowShape(target=True, delivery=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -576,7 +618,7 @@ def _fetch_sql(sqlite: bool, untargeted: bool, by_host: bool) -> str:
     if by_host:  # the producer column starts with its host name and a colon
         where += f" AND substr(producer, 1, {mark}) = {mark}"
     exclude = f"id NOT IN (SELECT value FROM json_each({mark}))" if sqlite else f"id <> ALL({mark})"
-    return _SELECT_ROWS[sqlite] + f"WHERE {where} AND {exclude} ORDER BY id LIMIT {mark}"
+    return _select_rows(sqlite) + f"WHERE {where} AND {exclude} ORDER BY id LIMIT {mark}"
 
 
 _GROUPS_SQL = {
@@ -590,24 +632,36 @@ _HOSTS_SQL = {
     False: "SELECT queue, split_part(producer, ':', 1) AS host, count(*) FROM spillover_outbox "
     "WHERE target = %s AND state = 'pending' GROUP BY queue, host",
 }
-_OWN_SQL = {
-    (True, True): _SELECT_ROWS[True] + "WHERE producer = ? AND state = 'pending' "
-    "AND (target = ? OR target IS NULL) AND queue = ? ORDER BY id LIMIT ?",
-    (False, True): _SELECT_ROWS[False] + "WHERE producer = %s AND state = 'pending' "
-    "AND (target = %s OR target IS NULL) AND queue = %s ORDER BY id LIMIT %s",
-    (True, False): _SELECT_ROWS[True] + "WHERE producer = ? AND state = 'pending' AND queue = ? ORDER BY id LIMIT ?",
-    (False, False): _SELECT_ROWS[False] + "WHERE producer = %s AND state = 'pending' AND queue = %s "
-    "ORDER BY id LIMIT %s",
-}
-_INSERT_COLUMNS = ("target", "queue", "job_id", "job_hash", "at_front", "scheduled_at", "ambiguous", "producer")
+
+
+@functools.lru_cache(maxsize=8)
+def _own_sql(sqlite: bool, shape: RowShape) -> str:
+    """A producer's own pending rows of a queue (its rows without a target too), in order."""
+    mark = "?" if sqlite else "%s"
+    target = f"AND (target = {mark} OR target IS NULL) " if shape.target else ""
+    where = f"WHERE producer = {mark} AND state = 'pending' {target}AND queue = {mark} ORDER BY id LIMIT {mark}"
+    return _select_rows(sqlite, shape.delivery) + where
+
+
+_INSERT_COLUMNS = (
+    "target",
+    "delivery",
+    "queue",
+    "job_id",
+    "job_hash",
+    "at_front",
+    "scheduled_at",
+    "ambiguous",
+    "producer",
+)
 #: While the outbox lacks a column this release writes, how often (s) to look whether it has come.
 SHAPE_RECHECK_INTERVAL = 5.0
 
 
 @functools.lru_cache(maxsize=64)
-def _insert_sql(rows: int, sqlite: bool, with_target: bool) -> str:
+def _insert_sql(rows: int, sqlite: bool, shape: RowShape) -> str:
     """INSERT of ``rows`` rows (one at a time on SQLite), returning their ids, in the table's row shape."""
-    names = _INSERT_COLUMNS if with_target else _INSERT_COLUMNS[1:]
+    names = shape.insert_columns()
     mark = "?" if sqlite else "%s"
     one = "(" + ", ".join([mark] * len(names)) + ")"
     values = one if sqlite else ", ".join([one] * rows)

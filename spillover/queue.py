@@ -1,26 +1,20 @@
 """``spillover.Queue``: ``rq.Queue`` that spills to the outbox when Redis is unusable.
 
-Healthy path: the job hash RQ would write (RQ's own ``Job.to_dict()``) goes to
-the marker-guarded replay script, one call per enqueue or enqueue_many (one round
-trip; no database access). Unhealthy path: the same row goes to the outbox
-instead, and the queue stays in "spill mode" until this producer's rows are in
-Redis, so one producer's jobs reach RQ in the order they were enqueued. The
-replayer moves the bulk of them; the last few the producer pushes itself, through
-the replayer's own marker-guarded script, so a producer that keeps enqueueing is
-not left spilling behind a replayer that polls.
+Healthy path: the job hash RQ would write (RQ's own ``Job.to_dict()``) goes to Redis
+through the pusher (pusher.py), one call per enqueue or enqueue_many (one round trip; no
+database access). Unhealthy path: the same row goes to the outbox instead, and the
+queue's spill lane (lanes.py) stays spilling until this producer's rows are in Redis, so
+one producer's jobs reach RQ in the order they were enqueued.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 import rq
@@ -29,100 +23,27 @@ from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.utils import now
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from . import metrics, settings
-from .errors import OutboxUnavailable
 from .health import RedisHealth
-from .markers import ConfirmedMarkers
-from .outbox import Outbox, OutboxRow
-from .redis_side import (
-    DEFERRED,
-    DUPLICATE,
-    ReplayScript,
-    bounded_client,
-    is_ambiguous,
-    is_outage,
-    resolve_target,
-    server_key,
-)
-from .stored_job import SpilledJob, encode_hash, schedule_timestamp
+from .lanes import OutboxLike, SpillLane, lane_for, resolve_outbox, server_for
+from .pusher import DEFERRED, Pusher
+from .redis_side import resolve_target
+from .stored_job import SpilledJob, encode_hash, new_delivery_id, schedule_timestamp
+from .transaction import TransactionalQueue, refuse_within
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
     from sqlalchemy.orm import Session, scoped_session
 
-    from .transaction import TransactionalQueue
-
-log = logging.getLogger("spillover.queue")
-
-#: While a queue is in spill mode, how often (s) to ask the outbox whether its rows are replayed.
-RESUME_CHECK_INTERVAL = 0.1
-#: At most this many of its own pending rows a producer pushes itself to leave spill mode;
-#: a longer backlog is the replayer's, and the producer keeps spilling behind it.
-RESUME_PUSH_LIMIT = 500
-
-OutboxLike = Outbox | Engine | str | None
+__all__ = ["OutboxLike", "Queue", "resolve_outbox", "was_spilled"]
 
 
-@dataclass
-class _SpillState:
-    """Per process, outbox, Redis server and queue: are we spilling, and our newest row."""
+class _Failed(NamedTuple):
+    """Why a direct write did not happen, and whether it may have happened all the same."""
 
-    spilling: bool = False
-    last_row_id: int = 0
-    checked_at: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Server:
-    health: RedisHealth
-    markers: ConfirmedMarkers
-    version: tuple[int, int, int] | None = None
-
-
-_lock = threading.Lock()
-_servers: dict[tuple[Any, ...], _Server] = {}
-_outboxes: dict[Any, Outbox] = {}
-_spill_states: dict[tuple[Any, ...], _SpillState] = {}
-
-
-def _reset_after_fork() -> None:
-    """A lock held by another thread at fork time would never be released in the child."""
-    global _lock
-    _lock = threading.Lock()
-    for state in _spill_states.values():
-        state.lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _server_for(connection: redis.Redis, timeout: float, probe_interval: float) -> _Server:
-    """One bounded client and breaker per Redis server, shared by every Queue of the process."""
-    key = (*server_key(connection), timeout)
-    with _lock:
-        server = _servers.get(key)
-        if server is None:
-            client = bounded_client(connection, timeout)
-            server = _Server(RedisHealth(client, probe_interval), ConfirmedMarkers(client))
-            _servers[key] = server
-        return server
-
-
-def resolve_outbox(outbox: OutboxLike) -> Outbox:
-    """An Outbox object, shared per URL or Engine so the process keeps one connection pool."""
-    if isinstance(outbox, Outbox):
-        return outbox
-    key: Any = outbox if outbox is not None else settings.database_url()
-    with _lock:
-        found = _outboxes.get(key)
-        if found is None:
-            found = Outbox(key)
-            _outboxes[key] = found
-        return found
+    error: BaseException
+    ambiguous: bool
 
 
 def was_spilled(job: Job) -> bool:
@@ -137,6 +58,7 @@ class Queue(rq.Queue):
     else ``host:port/db`` of ``connection``); a replayer drains only its own target's rows.
 
     Jobs carry their final id either way; ``was_spilled(job)`` tells which way they went.
+    Each enqueue is a delivery of its own: enqueueing a job id again enqueues it again, as in RQ.
     Calls that pass their own ``pipeline=`` or ``unique=True``, and ``is_async=False``
     queues, are RQ's own and are not spilled.
     """
@@ -158,17 +80,12 @@ class Queue(rq.Queue):
         self.target = resolve_target(target, self.connection)
         self.marker_ttl = settings.marker_ttl() if marker_ttl is None else marker_ttl
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
-        self._server = _server_for(self.connection, timeout, settings.probe_interval())
-        self._client = self._server.health.client
-        self._script = ReplayScript(self._client, self.marker_ttl)
-        # within(): per database of a caller's transaction, its Outbox and the sticky state of its rows
-        self._within_destinations: weakref.WeakKeyDictionary[Engine, tuple[Outbox, _SpillState]] = (
-            weakref.WeakKeyDictionary()
-        )
-        # Per database, not per Outbox object: two Outbox objects on one database share its rows.
-        state_key = (self.outbox.engine.url, server_key(self.connection), self.target, name)
-        with _lock:
-            self._spill_state = _spill_states.setdefault(state_key, _SpillState())
+        self._server = server_for(self.connection, timeout, settings.probe_interval())
+        self._client = self._server.client
+        self._pusher: Pusher = self._server.pusher(self.marker_ttl)
+        self._lane = lane_for("plain", self.outbox, self._server, self._pusher, self.target, name)
+        # within(): per database of a caller's transaction, the lane of its rows
+        self._within_lanes: weakref.WeakKeyDictionary[Engine, SpillLane] = weakref.WeakKeyDictionary()
 
     @property
     def health(self) -> RedisHealth:
@@ -192,15 +109,28 @@ class Queue(rq.Queue):
         that push cannot happen, the replayer delivers it. Nothing reaches Redis before
         the commit, and spillover never begins, commits or rolls back the transaction.
         """
-        from .transaction import TransactionalQueue
+        return TransactionalQueue(self, session_or_connection, _WithinWriter)
 
-        return TransactionalQueue(self, session_or_connection)
+    def lane_within(self, engine: Engine) -> SpillLane:
+        """The lane of this queue's rows written in transactions on ``engine``'s database.
+
+        Its Outbox is the queue's own when ``outbox=`` is that database, else one made from the
+        engine's URL. Remembered per engine: within() runs once per request.
+        """
+        found = self._within_lanes.get(engine)
+        if found is None:
+            url = engine.url.render_as_string(hide_password=False)
+            same = self.outbox.engine.url.render_as_string(hide_password=False) == url
+            outbox = self.outbox if same else resolve_outbox(url)
+            found = lane_for("transaction", outbox, self._server, self._pusher, self.target, self.name)
+            self._within_lanes[engine] = found
+        return found
 
     # -- the three write paths of RQ ----------------------------------------------
     #
     # Each builds the outbox rows of its jobs once; the same rows go to Redis through the
-    # replay script (one call, marker-guarded, dependencies decided inside it) or, when
-    # Redis is unusable, to the outbox.
+    # pusher (one call, marker-guarded, dependencies decided inside it) or, when Redis is
+    # unusable, to the outbox.
 
     def enqueue_job(
         self, job: Job, pipeline: Pipeline | None = None, at_front: bool = False, unique: bool = False
@@ -239,23 +169,23 @@ class Queue(rq.Queue):
 
     def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:
         started = time.perf_counter()
-        state = self._spill_state
-        error: BaseException | None = None
-        if not state.spilling and self.health.is_up:
-            error = self._try_direct(jobs, rows)
-            if error is None:
+        lane = self._lane
+        failed: _Failed | None = None
+        if not lane.spilling and self.health.is_up:
+            failed = self._try_direct(jobs, rows)
+            if failed is None:
                 self._count(metrics.DIRECT, len(jobs), started)
                 return
-        with state.lock:
-            if error is None and self._may_resume(state, self.outbox):
-                error = self._try_direct(jobs, rows)
-                if error is None:
+        with lane.lock:
+            if failed is None and lane.may_resume():
+                failed = self._try_direct(jobs, rows)
+                if failed is None:
                     self._count(metrics.DIRECT, len(jobs), started)
                     return
-            state.spilling = True
-            if error is not None and is_ambiguous(error):
+            lane.spilling = True
+            if failed is not None and failed.ambiguous:
                 rows = [replace(row, ambiguous=True) for row in rows]
-            self._append(state, rows, error or self.health.last_error)
+            lane.append(rows, failed.error if failed else self.health.last_error)
         for job in jobs:
             setattr(job, "spilled", True)  # noqa: B010 - Job has no such field
         self._count(metrics.SPILLED, len(jobs), started)
@@ -264,83 +194,30 @@ class Queue(rq.Queue):
         metrics.ENQUEUED.labels(self.name, path).inc(jobs)
         metrics.ENQUEUE_SECONDS.labels(path).observe(time.perf_counter() - started)
 
-    def _try_direct(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> BaseException | None:
-        """Write to Redis with the replay script; None on success, the error when Redis is unavailable.
+    def _try_direct(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> _Failed | None:
+        """Push to Redis; None on success, why not when Redis did not take the jobs and they must spill.
 
         Any other error is raised, as RQ raises it.
         """
-        try:
-            codes, failure = self._script.start(self.name, rows).result()
-        except redis.RedisError as exc:
-            if not is_outage(exc):
-                raise
-            self.health.mark_down(exc)
-            return exc
-        if failure is not None:
-            # The rows before the failing one are written, with their markers: spilled
-            # again, they are skipped on replay.
-            error = redis.ResponseError(failure)
-            if not is_outage(error):
-                raise error
-            self.health.mark_down(error)
-            return error
-        for job, code in zip(jobs, codes, strict=True):
-            if code == DEFERRED:
-                job._status, job.enqueued_at = JobStatus.DEFERRED, None
-            setattr(job, "spilled", False)  # noqa: B010
-        # The replies came back: nobody will ever look for these markers.
-        self._server.markers.confirmed([job.id for job, code in zip(jobs, codes, strict=True) if code != DUPLICATE])
-        return None
-
-    def _may_resume(self, state: _SpillState, outbox: Outbox) -> bool:
-        """Leave spill mode once Redis is up and none of this producer's rows in ``outbox`` is still pending.
-
-        The last few (up to RESUME_PUSH_LIMIT) it pushes itself with the replay script:
-        each push writes rows in id order and skips any job whose marker exists, so a
-        replayer pushing the same rows at the same time cannot double or reorder them.
-        """
-        if not state.spilling:
-            return self.health.is_up
-        if not self.health.is_up or time.monotonic() - state.checked_at < RESUME_CHECK_INTERVAL:
-            return False
-        state.checked_at = time.monotonic()
-        try:
-            mine = outbox.own_pending(self.target, self.name, RESUME_PUSH_LIMIT + 1)
-            too_old = any(row.ambiguous and row.age_seconds > self.marker_ttl for row in mine)
-            if len(mine) > RESUME_PUSH_LIMIT or too_old:
-                return False  # a backlog, or a row only the replayer may judge: it moves them
-            if mine and not self._push_own(mine, outbox):
-                return False
-        except SQLAlchemyError:
-            return False  # cannot tell: keep spilling, order first
-        state.spilling = False
-        return True
-
-    def _push_own(self, rows: list[OutboxRow], outbox: Outbox) -> bool:
-        """Push this producer's remaining rows into RQ and remove them; False if any is left."""
-        try:
-            codes, error = self._script.start(self.name, rows).result()
-        except redis.RedisError as exc:
-            if is_outage(exc):
-                self.health.mark_down(exc)
-            else:
-                log.warning("pushing this producer's spilled rows failed, leaving them to the replayer: %r", exc)
-            return False
-        outbox.mark_delivered([row.id for row in rows[: len(codes)]], keep=False)
-        return error is None
-
-    def _append(self, state: _SpillState, spilled: list[SpilledJob], redis_error: BaseException | None) -> None:
-        try:
-            ids = self.outbox.append(spilled)
-        except SQLAlchemyError as exc:
-            if exc.__context__ is None:
-                exc.__context__ = redis_error
-            raise OutboxUnavailable(
-                "job not enqueued: Redis is unavailable and the outbox write failed",
-                redis_error=redis_error,
-                outbox_error=exc,
-            ) from exc
-        state.last_row_id = max(state.last_row_id, *ids)
+        result = self._pusher.push(self.name, rows)
+        done = [(row.job_id, row.delivery) for row in rows[: len(result.codes)]]
+        if result.complete:
+            for job, code in zip(jobs, result.codes, strict=True):
+                if code == DEFERRED:
+                    job._status, job.enqueued_at = JobStatus.DEFERRED, None
+                setattr(job, "spilled", False)  # noqa: B010
+            self._server.settler.confirmed(done)  # the reply came back: nobody will look for these markers
+            return None
+        if result.refusal is not None:  # Redis wrote nothing: it read the request as later than its deadline
+            self._pusher.clock.forget()
+            return _Failed(redis.TimeoutError(f"redis refused the write as {result.refusal.lower()}"), False)
+        assert result.error is not None
+        if not result.outage:
+            self._server.settler.confirmed(done)  # written before the failing job; they stay, as in RQ
+            raise result.error
+        # Rows written before the failing one have their markers: spilled again, they are skipped on replay.
+        self.health.mark_down(result.error)
+        return _Failed(result.error, result.ambiguous)
 
     # -- building what the outbox stores -------------------------------------------
 
@@ -353,7 +230,7 @@ class Queue(rq.Queue):
         job._status = JobStatus.QUEUED
 
     def _row(self, job: Job, *, at_front: bool = False, scheduled_at: int | None = None) -> SpilledJob:
-        """The job as the replay script and the outbox both take it."""
+        """The job as the pusher and the outbox both take it, with the id of this delivery."""
         return SpilledJob(
             target=self.target,
             queue=self.name,
@@ -361,6 +238,7 @@ class Queue(rq.Queue):
             job_hash=encode_hash(job.to_dict()),
             at_front=at_front,
             scheduled_at=scheduled_at,
+            delivery=new_delivery_id(),
         )
 
     def _create_from(self, data: EnqueueData, group_id: str | None) -> Job:
@@ -384,3 +262,32 @@ class Queue(rq.Queue):
             webhooks=data.webhooks,
             group_id=group_id,
         )
+
+
+class _WithinWriter(Queue):
+    """A queue's own write paths (same jobs, same rows) with the rows handed to a TransactionalQueue."""
+
+    def __init__(self, owner: TransactionalQueue) -> None:  # the queue's state is shared, not rebuilt
+        self.__dict__.update(owner.queue.__dict__)
+        self._owner = owner
+
+    def enqueue_job(
+        self, job: Job, pipeline: Pipeline | None = None, at_front: bool = False, unique: bool = False
+    ) -> Job:
+        refuse_within(pipeline=pipeline, unique=unique, is_async=self._is_async)
+        return super().enqueue_job(job, at_front=at_front)
+
+    def schedule_job(self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False) -> Job:
+        refuse_within(pipeline=pipeline, unique=unique, is_async=True)
+        return super().schedule_job(job, datetime)
+
+    def enqueue_many(
+        self, job_datas: Iterable[EnqueueData], pipeline: Pipeline | None = None, group_id: str | None = None
+    ) -> list[Job]:
+        refuse_within(pipeline=pipeline, unique=False, is_async=self._is_async)
+        return super().enqueue_many(job_datas, group_id=group_id)
+
+    def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:
+        self._owner.write(rows)
+        for job in jobs:
+            setattr(job, "spilled", False)  # noqa: B010 - Job has no such field

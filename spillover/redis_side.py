@@ -1,19 +1,12 @@
-"""The Redis side: bounded clients, what counts as an outage, and the replay script.
+"""The Redis side: bounded clients, what counts as an outage, and which Redis a client names.
 
-Knows nothing of SQL. Every write spillover makes into RQ, direct or replayed,
-is one call of the replay script: it checks the job's delivery marker
-(``spillover:delivered:<job id>``) first and writes the job and its marker only
-if there is none, so a second delivery of a job, in whatever order, writes nothing.
+Knows nothing of SQL. The writes into RQ themselves are in pusher.py.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
-from collections.abc import Sequence
-from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -24,7 +17,6 @@ from redis.exceptions import (
     BusyLoadingError,
     ConnectionError,
     MaxConnectionsError,
-    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
@@ -35,20 +27,23 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from . import settings
 from .errors import ConfigurationError
-from .settings import MARKER_PREFIX, PROBE_KEY, redact
-from .stored_job import msgpack_array_header, msgpack_str
+from .settings import PROBE_KEY, redact
 from .targets import qualified_host
 
-# RQ's key names (rq 2.x; tests/test_redis_side.py checks them against rq). Spelled out here
-# so the replayer does not import rq at all: it never needs RQ's code, only its key layout.
-RQ_QUEUE_PREFIX = "rq:queue:"
-RQ_QUEUES_KEY = "rq:queues"
-RQ_JOB_PREFIX = "rq:job:"
-RQ_SCHEDULED_KEY = "rq:scheduled:{0}"
-RQ_DEFERRED_KEY = "rq:deferred:{0}"
-
-# Replies that mean "this server cannot take writes right now", not "you asked wrong".
-_UNAVAILABLE_REPLIES = ("LOADING", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
+# Replies that mean "this server cannot take writes right now", not "you asked wrong": loading its
+# data, out of memory, a replica, cut off from its master, a failed RDB save with
+# stop-writes-on-bgsave-error (MISCONF), too few replicas for min-replicas-to-write, a busy script.
+_UNAVAILABLE_REPLIES = (
+    "LOADING",
+    "OOM",
+    "READONLY",
+    "MASTERDOWN",
+    "MISCONF",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "BUSY ",
+)
 _NOT_AN_OUTAGE = (AuthenticationError, AuthorizationError, MaxConnectionsError)
 
 
@@ -62,8 +57,13 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError, BusyLoadingError, OutOfMemoryError, ReadOnlyError)):
         return True
     if isinstance(exc, ResponseError):
-        return str(exc).upper().startswith(_UNAVAILABLE_REPLIES)
+        return is_outage_reply(str(exc))
     return False
+
+
+def is_outage_reply(text: str) -> bool:
+    """An error reply (as text, e.g. from inside a script) that means Redis cannot take writes now."""
+    return text.lstrip().upper().startswith(_UNAVAILABLE_REPLIES)
 
 
 def is_ambiguous(exc: BaseException) -> bool:
@@ -186,113 +186,3 @@ def client_from_url(url: str, timeout: float) -> redis.Redis:
 def probe_write(client: redis.Redis) -> None:
     """A write, because PING succeeds on a read-only replica and during OOM."""
     client.set(PROBE_KEY, b"1", px=60_000)
-
-
-@functools.cache
-def load_script(name: str) -> str:
-    return resources.files("spillover").joinpath("lua", name).read_text(encoding="utf-8")
-
-
-# What the replay script says it did with each row.
-DUPLICATE, QUEUED, DEFERRED, SCHEDULED = 0, 1, 2, 3
-
-
-class ReplayScript:
-    """The replay Lua script on one client: one call pushes a whole batch.
-
-    ``start`` sends the call and returns at once, so the caller can do its
-    database work while Redis runs the script; ``PendingPush.result`` reads the reply.
-    """
-
-    def __init__(self, client: redis.Redis, marker_ttl: int) -> None:
-        self.client = client
-        self.marker_ttl = marker_ttl
-        self.source = load_script("replay.lua")
-        # Known without asking Redis, so a new Queue object costs no round trip; a server that
-        # does not have the script yet answers NOSCRIPT, runs nothing, and gets it loaded.
-        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
-
-    def load(self) -> None:
-        """Make sure the server has the script (SCRIPT LOAD)."""
-        self.client.script_load(self.source)
-
-    def start(self, queue_name: str, rows: Sequence[ReplayItem]) -> PendingPush:
-        args: list[Any] = [
-            RQ_QUEUE_PREFIX + queue_name,
-            RQ_QUEUES_KEY,
-            RQ_JOB_PREFIX,
-            RQ_SCHEDULED_KEY.format(queue_name),
-            RQ_DEFERRED_KEY.format(queue_name),
-            MARKER_PREFIX,
-            self.marker_ttl,
-            pack_rows(rows),
-        ]
-        return self._send(args)
-
-    def _send(self, args: list[Any]) -> PendingPush:
-        pool = self.client.connection_pool
-        conn: Any = pool.get_connection()
-        try:
-            conn.send_command("EVALSHA", self.sha, 0, *args)
-        except BaseException:
-            conn.disconnect()
-            pool.release(conn)
-            raise
-        return PendingPush(self, conn, args)
-
-
-class PendingPush:
-    """A replay call in flight on one connection."""
-
-    def __init__(self, script: ReplayScript, conn: Any, args: list[Any]) -> None:
-        self.script, self.conn, self.args = script, conn, args
-
-    def abandon(self) -> None:
-        """Drop the call without reading its reply (the connection cannot be reused)."""
-        self.conn.disconnect()
-        self.script.client.connection_pool.release(self.conn)
-
-    def result(self) -> tuple[list[int], str | None]:
-        """Codes per processed row (see replay.lua) and the error that stopped the batch, if any."""
-        pool = self.script.client.connection_pool
-        try:
-            reply = self.conn.read_response()
-        except NoScriptError:  # a new or restarted Redis without the script: it ran nothing; load, resend
-            pool.release(self.conn)
-            self.script.load()
-            return self.script._send(self.args).result()
-        except BaseException:
-            self.conn.disconnect()
-            pool.release(self.conn)
-            raise
-        pool.release(self.conn)
-        codes = [int(code) for code in reply[0].decode()]
-        error = reply[1].decode("utf-8", "replace") if len(reply) > 1 else None
-        return codes, error
-
-
-def pack_rows(rows: Sequence[ReplayItem]) -> bytes:
-    """One MessagePack array of {job_id, at_front, scheduled_at, stored job hash} arrays."""
-    parts = [msgpack_array_header(len(rows))]
-    for row in rows:
-        scheduled = b"" if row.scheduled_at is None else str(row.scheduled_at).encode()
-        parts += [_ROW_HEADER, msgpack_str(row.job_id.encode()), _FRONT if row.at_front else _BACK]
-        parts += [msgpack_str(scheduled), row.job_hash]  # the stored hash is a MessagePack array already
-    return b"".join(parts)
-
-
-_ROW_HEADER = msgpack_array_header(4)
-_FRONT, _BACK = msgpack_str(b"1"), msgpack_str(b"0")
-
-
-class ReplayItem(Protocol):
-    """What the replay script needs of a stored job (an outbox row has it all)."""
-
-    @property
-    def job_id(self) -> str: ...
-    @property
-    def job_hash(self) -> bytes: ...
-    @property
-    def at_front(self) -> bool: ...
-    @property
-    def scheduled_at(self) -> int | None: ...

@@ -1,9 +1,13 @@
 """The replayer: moves outbox rows into RQ, per queue in order, exactly once.
 
-Exactly once rests on two things: the replay script writes a job and its
-delivery marker atomically and skips any job whose marker exists; and a row
-leaves the outbox only after Redis confirmed it. A crash between the two
-leaves a pending row whose marker exists, which the next pass skips.
+Exactly once rests on three things: a push (pusher.py) writes a job and its
+delivery marker atomically and skips any delivery whose marker exists; a row
+leaves the outbox only after Redis confirmed it (a crash between the two leaves a
+pending row whose marker exists, which the next pass skips); and a push arrives in
+time and from the queue's current lease holder or writes nothing at all (its
+deadline counts from when its rows were read; its fencing token is the lease's
+epoch, raised in Redis by each new holder). Once rows are deleted, their markers
+are settled: they outlive every request that may carry them, and no longer.
 Order rests on per-queue leases: one replayer drains a queue at a time, oldest
 row first, and a row that fails stops its queue until it succeeds or is declared
 dead. Different queues are drained by different replayers at once. A replayer
@@ -30,8 +34,10 @@ from . import metrics, registry
 from .endpoints import Heartbeat
 from .errors import ReplayError
 from .lease import QueueLease, live_leases
+from .markers import Settler
 from .outbox import Outbox, OutboxRow, PendingGroup
-from .redis_side import PendingPush, ReplayScript, is_outage, probe_write, resolve_target
+from .pusher import FENCED, LATE, Fence, Pusher
+from .redis_side import is_outage, probe_write, resolve_target
 from .targets import Group, TargetMatcher, setting_for
 from .wakeup import CommitListener
 
@@ -40,8 +46,6 @@ log = logging.getLogger("spillover.replay")
 #: Longest wait between write-probes while Redis is down: the drain starts this soon after it is back.
 #: A probe of a server that refuses is a fraction of a millisecond, so probing often costs nothing.
 REDIS_PROBE_CAP = 0.1
-
-_TRANSIENT_SCRIPT_ERRORS = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY")
 
 
 class RedisUnavailable(Exception):
@@ -52,7 +56,8 @@ class RedisUnavailable(Exception):
 class ReplayConfig:
     batch_size: int = 500
     poll_interval: float = 1.0
-    marker_ttl: int = 7 * 24 * 3600
+    marker_ttl: int = 7 * 24 * 3600  # the backstop: how long a marker lives while its row is in the outbox
+    delivery_window: float = 30.0  # how long a push may take to arrive, and a settled marker lives
     retention: float = 0.0  # seconds to keep replayed rows; 0 deletes them at once
     max_attempts: int = 3
     lease_ttl: float = 10.0
@@ -95,7 +100,8 @@ class Replayer:
         self._unclaimed_checked_at = -1e9
         self._unclaimed_warned_at = -1e9
         self._foreign_reported: set[str | None] = set()  # other targets whose rows we have logged once
-        self.script = ReplayScript(client, self.config.marker_ttl)
+        self.pusher = Pusher(client, backstop=self.config.marker_ttl, window=self.config.delivery_window)
+        self.settler = Settler(self.pusher)
         self.stats = ReplayStats()
         self.stopping = threading.Event()
         self._redis_up: bool | None = None
@@ -139,6 +145,7 @@ class Replayer:
             self._commits.close()
             self.release_leases()
             self._unregister()
+            self.settler.flush()
 
     def _idle(self) -> None:
         """Wait ``poll_interval``, or until a commit wakes us; staying in the registry all the while."""
@@ -179,6 +186,7 @@ class Replayer:
         finally:
             self.release_leases()
             self._unregister()
+            self.settler.flush()
         self._purge_retained()
         return self.stats
 
@@ -305,12 +313,14 @@ class Replayer:
         spelled = "" if group.lease_name == self.target else f" (rows of {group.lease_name})"
         log.info("draining queue %s: %d left%s", queue, left, spelled)
         started, moved, size = time.monotonic(), 0, self.config.batch_size
-        confirmed: list[int] = []  # in Redis, not yet removed from the outbox
+        confirmed: list[OutboxRow] = []  # in Redis, not yet removed from the outbox
 
-        def fetch(exclude: list[int] | None = None) -> list[OutboxRow]:
-            return self.outbox.fetch_pending(group.target, queue, size, exclude or (), group.host)
+        def fetch(exclude: list[int] | None = None) -> tuple[list[OutboxRow], float]:
+            """The next rows, and Redis's time before they were read: their push's deadline counts from it."""
+            read_at = self._redis_time()
+            return self.outbox.fetch_pending(group.target, queue, size, exclude or (), group.host), read_at
 
-        rows = fetch()
+        rows, read_at = fetch()
         try:
             while rows and not self.stopping.is_set():
                 self.heartbeat.beat()
@@ -320,8 +330,9 @@ class Replayer:
                 if not lease.hold():
                     log.warning("lost the lease of queue %s to another replayer; leaving it", queue)
                     break
+                fence = self._fence(group, lease)
                 good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
-                push = self._start(queue, good) if good else None
+                push = self.pusher.start(queue, good, read_at=read_at, fence=fence) if good else None
                 try:
                     self._confirm(confirmed)
                     upcoming = fetch(exclude=[row.id for row in rows])
@@ -330,16 +341,27 @@ class Replayer:
                         push.abandon()  # its outcome stays unknown: the markers settle it next pass
                     raise
                 if push is not None:
-                    codes, error = self._finish(push)
-                    confirmed = [row.id for row in good[: len(codes)]]
-                    moved += len(codes)
-                    self._count(queue, codes)
-                    if error is not None:
+                    result = push.result()
+                    if result.refusal == FENCED:
+                        log.warning("queue %s: redis refused this replayer's fencing token; checking its lease", queue)
+                        lease.fence_refused()
+                        break
+                    if result.refusal == LATE:
+                        log.warning("queue %s: a batch reached redis after its deadline; reading it again", queue)
+                        self.pusher.clock.forget()
+                        rows, read_at = fetch()
+                        continue
+                    confirmed = good[: len(result.codes)]
+                    moved += len(result.codes)
+                    self._count(queue, result.codes)
+                    if result.error is not None:
+                        if result.outage or not result.row_error:
+                            raise self._redis_failed(result.error)
                         self._confirm(confirmed)
-                        if not self._failed(good[len(codes)], error):
+                        if not self._failed(good[len(result.codes)], str(result.error)):
                             break  # the queue waits for this row: order first
                         moved += 1
-                        rows = fetch()
+                        rows, read_at = fetch()
                         continue
                 if len(good) < len(rows):
                     bad = rows[len(good)]
@@ -347,40 +369,41 @@ class Replayer:
                     self._kill(bad, str(self._unreplayable(bad)))
                     moved += 1
                     upcoming = fetch()  # the rows after it, excluded above
-                rows = upcoming
+                rows, read_at = upcoming
         finally:
             self._confirm(confirmed)
         if not rows:
             log.info("drained queue %s: %d rows in %.2f s", queue, moved, time.monotonic() - started)
         return moved
 
-    def _start(self, queue: str, rows: list[OutboxRow]) -> PendingPush:
+    def _redis_time(self) -> float:
         try:
-            return self.script.start(queue, rows)
+            return self.pusher.clock.now_ms()
         except redis.RedisError as exc:
             raise self._redis_failed(exc) from exc
 
-    def _finish(self, push: PendingPush) -> tuple[list[int], str | None]:
-        try:
-            codes, error = push.result()
-        except redis.RedisError as exc:
-            raise self._redis_failed(exc) from exc
-        if error is not None and error.upper().startswith(_TRANSIENT_SCRIPT_ERRORS):
-            self._set_redis_up(False, error)
-            raise RedisUnavailable(error)
-        return codes, error
+    def _fence(self, group: Group, lease: QueueLease) -> Fence:
+        """The fence of this holding of ``group``'s lease, raised in Redis before its first batch."""
+        if lease.fence is None:
+            try:
+                lease.fenced(self.pusher.raise_fence(group.lease_name, group.queue, lease.next_token()))
+            except redis.RedisError as exc:
+                raise self._redis_failed(exc) from exc
+        assert lease.fence is not None
+        return lease.fence
 
-    def _redis_failed(self, exc: redis.RedisError) -> BaseException:
+    def _redis_failed(self, exc: BaseException) -> BaseException:
         if not is_outage(exc):
             return exc
         self._set_redis_up(False, exc)
         return RedisUnavailable(str(exc))
 
-    def _confirm(self, ids: list[int]) -> None:
-        """Remove rows Redis has confirmed from the outbox (or keep them as done)."""
-        if ids:
-            self.outbox.mark_delivered(ids, keep=self.config.retention > 0)
-            ids.clear()
+    def _confirm(self, rows: list[OutboxRow]) -> None:
+        """Remove rows Redis has confirmed from the outbox (or keep them as done), then settle their markers."""
+        if rows:
+            self.outbox.mark_delivered([row.id for row in rows], keep=self.config.retention > 0)
+            self.settler.gone([(row.job_id, row.delivery) for row in rows])
+            rows.clear()
 
     def _count(self, queue: str, codes: list[int]) -> None:
         duplicates = codes.count(0)
@@ -424,7 +447,7 @@ class Replayer:
             if self._redis_up is not True:
                 # A Redis that is new, restarted or failed over may lack the script: load it with a
                 # small command of its own, not learn it from a batch call whose reply may be lost.
-                self.script.load()
+                self.pusher.load()
         except redis.RedisError as exc:
             if not is_outage(exc):
                 raise

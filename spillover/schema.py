@@ -48,6 +48,9 @@ outbox = Table(
     Column("target", String(255), nullable=True),
     Column("queue", String(255), nullable=False),
     Column("job_id", String(255), nullable=False),
+    # The id of the one enqueue this row stands for: its delivery marker in Redis is keyed by it
+    # (redis_side.py). NULL: written by a release before 0.4, whose marker is keyed by the job id.
+    Column("delivery", String(40), nullable=True),
     # The RQ job hash as netstrings: field, value, field, value ... (see stored_job.py).
     Column("job_hash", LargeBinary, nullable=False),
     Column("at_front", Boolean, nullable=False, server_default="0"),
@@ -79,6 +82,9 @@ queue_lease = Table(
     Column("queue", String(255), primary_key=True),
     Column("holder", String(128), nullable=False),
     Column("expires_at", Float, nullable=False),
+    # The fencing token of the current holder: raised with each new holder, raised in Redis before its
+    # first batch (a batch with an older token writes nothing); kept when the lease is given back.
+    Column("epoch", BigInteger, nullable=True),
 )
 
 # One row per running replayer, renewed every few seconds: which targets it drains, so that rows

@@ -16,8 +16,12 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_REDIS_TIMEOUT = 0.5
 #: Seconds between background write-probes while Redis is marked down.
 DEFAULT_PROBE_INTERVAL = 0.25
-#: Seconds a delivery marker lives in Redis; bounds how late an ambiguous job may replay.
+#: Seconds a delivery marker lives while its row is still in the outbox (the backstop): bounds how
+#: late an ambiguous job may replay. Once the row is gone its marker lives only the delivery window.
 DEFAULT_MARKER_TTL = 7 * 24 * 3600
+#: Seconds a request into Redis may take to arrive (its deadline, checked by Redis) and so how long a
+#: marker outlives its row.
+DEFAULT_DELIVERY_WINDOW = 30.0
 #: Pending rows the outbox may hold before enqueue raises BacklogFull (0: no bound).
 DEFAULT_MAX_BACKLOG = 1_000_000
 #: Seconds SQLite waits on a locked database before giving up.
@@ -25,7 +29,12 @@ DEFAULT_BUSY_TIMEOUT = 10.0
 #: Seconds an upgrade waits for another upgrade of the same outbox (and for a table lock) before failing.
 DEFAULT_UPGRADE_LOCK_WAIT = 600.0
 
-MARKER_PREFIX = "spillover:delivered:"
+#: Delivery markers: one per enqueue (its delivery id), while that delivery is in doubt.
+MARKER_PREFIX = "spillover:delivery:"
+#: Markers of releases before 0.4, keyed by job id; still read and written for a replayer of such a release.
+LEGACY_MARKER_PREFIX = "spillover:delivered:"
+#: Per target's queue: the fencing token of its lease holder.
+FENCE_PREFIX = "spillover:fence:"
 PROBE_KEY = "spillover:probe"
 
 
@@ -67,6 +76,10 @@ def probe_interval() -> float:
 
 def marker_ttl() -> int:
     return env_int("SPILLOVER_MARKER_TTL", DEFAULT_MARKER_TTL)
+
+
+def delivery_window() -> float:
+    return env_float("SPILLOVER_DELIVERY_WINDOW", DEFAULT_DELIVERY_WINDOW)
 
 
 def max_backlog() -> int:

@@ -8,6 +8,8 @@ written, without importing the job's function or unpickling its arguments.
 from __future__ import annotations
 
 import calendar
+import itertools
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -39,6 +41,39 @@ class SpilledJob:
     at_front: bool = False
     scheduled_at: int | None = None
     ambiguous: bool = False
+    delivery: str | None = None  # new_delivery_id(); None: a row of a release before 0.4
+
+
+class _Deliveries:
+    """Delivery ids: a random per-process prefix and a counter, new in a forked child.
+
+    Unique across processes and hosts without a round trip, and cheaper than a uuid4 per job.
+    """
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self.prefix = os.urandom(10).hex()
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_deliveries = _Deliveries()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_deliveries.renew)
+
+
+def delivery_prefix() -> str:
+    """What every delivery id this process makes starts with (the drill removes its markers by it)."""
+    return _deliveries.prefix
+
+
+def new_delivery_id() -> str:
+    """The id of one enqueue (at most 40 characters): its delivery marker in Redis is keyed by it."""
+    return _deliveries.next()
 
 
 def encode_hash(mapping: dict[str, Any]) -> bytes:

@@ -6,16 +6,16 @@ the application's own rows and the replayer delivers it. spillover never begins,
 commits or rolls back that transaction, and writes nothing to Redis before the commit.
 
 A Session does not wait for the replayer: its after-commit hook reads the rows back
-(only committed rows are visible to another connection) and pushes them into RQ with
-the replay script, so the job is in RQ when ``commit()`` returns. That script writes a
-job and its delivery marker at once and skips a job whose marker exists, so a replayer
-reading the same rows at the same moment cannot double them; a sweeper then deletes
-the rows. Redis down costs the commit one bounded attempt, then the breaker skips it.
-The markers stay for their TTL, as a replayed job's do: a replayer may still hold a
-row it read before the delete.
+(only committed rows are visible to another connection) and pushes them into RQ
+(pusher.py), so the job is in RQ when ``commit()`` returns. A push writes a job and its
+delivery marker at once and skips a delivery whose marker exists, so a replayer reading
+the same rows at the same moment cannot double them; a sweeper then deletes the rows and
+settles their markers (a replayer may still hold a row it read before the delete: the
+marker outlives that replayer's request). Redis down costs the commit one bounded
+attempt, then the breaker skips it.
 One producer's transactional jobs of a queue keep their commit order by the same sticky
-rule as spilling: once a push fails, later commits leave their rows to the replayer
-until this producer's older rows are in RQ.
+rule as spilling (lanes.py): once a push fails, later commits leave their rows to the
+replayer until this producer's older rows are in RQ.
 """
 
 from __future__ import annotations
@@ -25,21 +25,21 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import redis
+import rq
 from rq.job import Job
 from rq.queue import EnqueueData
 from sqlalchemy import Connection, Engine, event, insert, inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
-from . import metrics
-from . import queue as queue_module
+from . import lanes, metrics
 from .errors import ConfigurationError, NotInTransaction, OutboxNotMigrated
+from .lanes import SpillLane
+from .markers import Settler
 from .outbox import Outbox, is_missing_table, producer_id
-from .queue import Queue, _SpillState, resolve_outbox
-from .redis_side import is_ambiguous, is_outage, server_key
+from .pusher import LATE
 from .schema import outbox as outbox_table
 from .stored_job import SpilledJob
 from .sweeper import Sweeper
@@ -57,15 +57,20 @@ _INFO_KEY = "spillover.written"  # session.info: rows written in the session's c
 _NOTIFIED_KEY = "spillover.notified"  # connection.info: the transaction that will wake the replayer
 _INSERT_ONE = insert(outbox_table).returning(outbox_table.c.id)
 _INSERT_MANY = insert(outbox_table).returning(outbox_table.c.id, sort_by_parameter_order=True)
+_OPTIONAL_COLUMNS = ("target", "delivery")  # added by later migrations: rows are written without them until then
 _hooks_installed = False
-_checked_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_complete_schemas: weakref.WeakSet[Engine] = weakref.WeakSet()
 _deleters: weakref.WeakKeyDictionary[Outbox, DeliveredRows] = weakref.WeakKeyDictionary()
 
+#: A pushed row waiting for its delete: (row id, job id, delivery id, the settler of its Redis)
+Pushed = tuple[int, str, "str | None", Settler]
 
-class DeliveredRows(Sweeper[int]):
+
+class DeliveredRows(Sweeper[Pushed]):
     """Rows of one outbox the producer pushed into RQ itself, deleted in batches off the commit path.
 
-    A row deleted late is pushed again by a replayer at most, and its marker makes that a no-op.
+    Once deleted, their markers are settled. A row deleted late is pushed again by a replayer
+    at most, and its marker makes that a no-op.
     """
 
     interval = 0.1
@@ -75,17 +80,28 @@ class DeliveredRows(Sweeper[int]):
         super().__init__()
         self.outbox = outbox
 
-    def delete(self, ids: Sequence[int]) -> None:
-        self.outbox.mark_delivered(ids, keep=False)
+    def delete(self, items: Sequence[Pushed]) -> None:
+        self.outbox.mark_delivered([row_id for row_id, *_ in items], keep=False)
+        by_settler: dict[int, tuple[Settler, list[tuple[str, str | None]]]] = {}
+        for _, job_id, delivery, settler in items:
+            by_settler.setdefault(id(settler), (settler, []))[1].append((job_id, delivery))
+        for settler, gone in by_settler.values():
+            settler.gone(gone)
+
+
+class Producing(Protocol):
+    """What a TransactionalQueue needs of the ``spillover.Queue`` it writes for."""
+
+    name: str
+
+    def lane_within(self, engine: Engine) -> SpillLane: ...
 
 
 @dataclass
 class _Written:
     """One job row written in a caller's transaction, waiting for its commit."""
 
-    queue: Queue
-    outbox: Outbox
-    state: _SpillState
+    lane: SpillLane
     row: SpilledJob
     row_id: int
 
@@ -97,13 +113,19 @@ class TransactionalQueue:
     what ``spillover.Queue``'s take and return the same jobs, with their final ids.
     """
 
-    def __init__(self, queue: Queue, session_or_connection: Session | Connection | scoped_session[Any]) -> None:
+    def __init__(
+        self,
+        queue: Producing,
+        session_or_connection: Session | Connection | scoped_session[Any],
+        writer: Callable[[TransactionalQueue], rq.Queue],
+    ) -> None:
         self.queue = queue
         self.bind = _session_or_connection(session_or_connection)
         engine_or_connection = self.bind.get_bind() if isinstance(self.bind, Session) else self.bind
         self._engine_or_connection: Engine | Connection = engine_or_connection
-        self.outbox, self.state = _destination(queue, engine_or_connection.engine)
-        self._writer = _Writer(self)
+        self.lane = queue.lane_within(engine_or_connection.engine)
+        self.outbox = self.lane.outbox
+        self._writer: rq.Queue = writer(self)  # the queue's own enqueue paths, delivering through write()
 
     def __repr__(self) -> str:
         return f"<TransactionalQueue {self.queue.name!r} within {type(self.bind).__name__}>"
@@ -129,19 +151,20 @@ class TransactionalQueue:
     ) -> list[Job]:
         return self._writer.enqueue_many(job_datas, pipeline=pipeline, group_id=group_id)
 
-    prepare_data = staticmethod(Queue.prepare_data)  # builds enqueue_many's items, as on a Queue
+    prepare_data = staticmethod(rq.Queue.prepare_data)  # builds enqueue_many's items, as on a Queue
 
     # -- writing ---------------------------------------------------------------------
 
     def write(self, rows: list[SpilledJob]) -> None:
         """Insert ``rows`` through the caller's connection, in its transaction; remember them for the commit."""
         connection = self._connection()
-        with_target = _check_schema(connection)
+        missing = _check_schema(connection)
         self.outbox.reserve_backlog(len(rows))
         producer = producer_id()
         params = [
             {
                 "target": row.target,
+                "delivery": row.delivery,
                 "queue": row.queue,
                 "job_id": row.job_id,
                 "job_hash": row.job_hash,
@@ -151,9 +174,9 @@ class TransactionalQueue:
             }
             for row in rows
         ]
-        if not with_target:
-            for param in params:
-                del param["target"]
+        for param in params if missing else ():
+            for column in missing:
+                del param[column]
         try:
             if len(params) == 1:
                 ids = [connection.execute(_INSERT_ONE, params[0]).scalar_one()]
@@ -173,9 +196,7 @@ class TransactionalQueue:
                 connection.info[_NOTIFIED_KEY] = transaction
             return
         written = self.bind.info.setdefault(_INFO_KEY, [])
-        written.extend(
-            _Written(self.queue, self.outbox, self.state, row, row_id) for row, row_id in zip(rows, ids, strict=True)
-        )
+        written.extend(_Written(self.lane, row, row_id) for row, row_id in zip(rows, ids, strict=True))
 
     def _connection(self) -> Connection:
         """The caller's connection; NotInTransaction if no transaction is open on it."""
@@ -189,36 +210,7 @@ class TransactionalQueue:
         return bind
 
 
-class _Writer(Queue):
-    """The queue's own write paths (same jobs, same rows) with the rows handed to a TransactionalQueue."""
-
-    def __init__(self, owner: TransactionalQueue) -> None:  # the queue's state is shared, not rebuilt
-        self.__dict__.update(owner.queue.__dict__)
-        self._owner = owner
-
-    def enqueue_job(
-        self, job: Job, pipeline: Pipeline | None = None, at_front: bool = False, unique: bool = False
-    ) -> Job:
-        _refuse(pipeline=pipeline, unique=unique, is_async=self._is_async)
-        return super().enqueue_job(job, at_front=at_front)
-
-    def schedule_job(self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False) -> Job:
-        _refuse(pipeline=pipeline, unique=unique, is_async=True)
-        return super().schedule_job(job, datetime)
-
-    def enqueue_many(
-        self, job_datas: Iterable[EnqueueData], pipeline: Pipeline | None = None, group_id: str | None = None
-    ) -> list[Job]:
-        _refuse(pipeline=pipeline, unique=False, is_async=self._is_async)
-        return super().enqueue_many(job_datas, group_id=group_id)
-
-    def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:
-        self._owner.write(rows)
-        for job in jobs:
-            setattr(job, "spilled", False)  # noqa: B010 - Job has no such field
-
-
-def _refuse(*, pipeline: Any, unique: bool, is_async: bool) -> None:
+def refuse_within(*, pipeline: Any, unique: bool, is_async: bool) -> None:
     if pipeline is not None:
         raise ConfigurationError("pipeline= cannot be used within a transaction: the job is written to the outbox")
     if unique:
@@ -245,46 +237,26 @@ def _session_or_connection(given: Any) -> Session | Connection:
     )
 
 
-def _destination(queue: Queue, engine: Engine) -> tuple[Outbox, _SpillState]:
-    """spillover's own Outbox on the caller's database, and the sticky state of ``queue``'s rows in it.
-
-    The Outbox is the queue's own when ``outbox=`` is that database, else one made from
-    the engine's URL. Remembered per queue and engine: within() runs once per request.
-    """
-    found = queue._within_destinations.get(engine)
-    if found is not None:
-        return found
-    url = engine.url.render_as_string(hide_password=False)
-    same = queue.outbox.engine.url.render_as_string(hide_password=False) == url
-    outbox = queue.outbox if same else resolve_outbox(url)
-    # Beside the plain path's states (renewed with them after a fork), apart from them: plain
-    # enqueues are not held back by transactional rows, nor these by spills.
-    state_key = ("transaction", outbox.engine.url, server_key(queue.connection), queue.target, queue.name)
-    with queue_module._lock:
-        found = (outbox, queue_module._spill_states.setdefault(state_key, _SpillState()))
-    queue._within_destinations[engine] = found
-    return found
-
-
-def _check_schema(connection: Connection) -> bool:
-    """The outbox table, with every column this version writes, is in the caller's database; whether it has
-    ``target`` (0002 and later: until the deploy's migration, rows are written in the 0001 shape).
+def _check_schema(connection: Connection) -> tuple[str, ...]:
+    """The outbox table, with every column this version needs, is in the caller's database; the columns
+    of later migrations it lacks (``target``, ``delivery``: until the deploy's migration, rows are written
+    in the shape the table has).
 
     Once per database once the schema is complete; on every call while it is not.
     """
     engine = connection.engine
-    if engine in _checked_engines:
-        return True
+    if engine in _complete_schemas:
+        return ()
     inspector = inspect(connection)
     if not inspector.has_table(outbox_table.name):
         raise OutboxNotMigrated(outbox_table.name, f"the transaction's database has no {outbox_table.name!r} table")
     found = {column["name"] for column in inspector.get_columns(outbox_table.name)}
-    if not {column.name for column in outbox_table.columns} - {"target"} <= found:
+    if not {column.name for column in outbox_table.columns} - set(_OPTIONAL_COLUMNS) <= found:
         raise OutboxNotMigrated(outbox_table.name, "the outbox schema is older than this spillover")
-    if "target" not in found:
-        return False
-    _checked_engines.add(engine)
-    return True
+    missing = tuple(column for column in _OPTIONAL_COLUMNS if column not in found)
+    if not missing:
+        _complete_schemas.add(engine)
+    return missing
 
 
 # -- after the commit --------------------------------------------------------------------
@@ -295,7 +267,7 @@ def _install_hooks() -> None:
     global _hooks_installed
     if _hooks_installed:
         return
-    with queue_module._lock:
+    with lanes.lock:
         if not _hooks_installed:
             event.listen(Session, "after_commit", _after_commit)
             event.listen(Session, "after_transaction_end", _after_transaction_end)
@@ -316,7 +288,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 
 
 def push_committed(written: list[_Written]) -> None:
-    """Push a commit's rows into RQ, per queue in the order written. Never raises.
+    """Push a commit's rows into RQ, per lane in the order written. Never raises.
 
     It runs inside ``commit()``, after the database commit: an error here must not look
     to the caller like a failed commit. Whatever is not pushed stays for the replayer.
@@ -326,19 +298,19 @@ def push_committed(written: list[_Written]) -> None:
     except Exception as exc:  # the outbox database cannot say which rows committed
         log.warning("could not read committed jobs back (%r); the replayer will deliver them", exc)
         for item in written:
-            with item.state.lock:
-                item.state.spilling = True  # the next commits' jobs wait behind these
+            with item.lane.lock:
+                item.lane.spilling = True  # the next commits' jobs wait behind these
         return
-    by_state: dict[int, list[_Written]] = {}
+    by_lane: dict[int, list[_Written]] = {}
     for item in committed:
-        by_state.setdefault(id(item.state), []).append(item)
-    for items in by_state.values():
+        by_lane.setdefault(id(item.lane), []).append(item)
+    for items in by_lane.values():
         try:
             _push(items)
         except Exception:
             log.exception("pushing committed jobs failed; the replayer will deliver them")
-            with items[0].state.lock:
-                items[0].state.spilling = True
+            with items[0].lane.lock:
+                items[0].lane.spilling = True
 
 
 def _committed(written: list[_Written]) -> list[_Written]:
@@ -352,44 +324,40 @@ def _committed(written: list[_Written]) -> list[_Written]:
     """
     latest: dict[tuple[int, int], _Written] = {}
     for item in written:
-        latest[(id(item.outbox), item.row_id)] = item  # a reused id: only the later row can exist
+        latest[(id(item.lane.outbox), item.row_id)] = item  # a reused id: only the later row can exist
     exists: set[tuple[int, int, str]] = set()
-    for outbox in {id(item.outbox): item.outbox for item in written}.values():
+    for outbox in {id(item.lane.outbox): item.lane.outbox for item in written}.values():
         ids = [row_id for key, row_id in latest if key == id(outbox)]
         exists.update((id(outbox), row_id, job_id) for row_id, job_id in outbox.present(ids))
-    return [item for item in latest.values() if (id(item.outbox), item.row_id, item.row.job_id) in exists]
+    return [item for item in latest.values() if (id(item.lane.outbox), item.row_id, item.row.job_id) in exists]
 
 
 def _push(items: list[_Written]) -> None:
-    """Push one queue's committed rows, unless older rows of this producer must go first."""
-    queue, outbox, state = items[0].queue, items[0].outbox, items[0].state
-    rows, ids = [item.row for item in items], [item.row_id for item in items]
-    with state.lock:
-        if not queue._may_resume(state, outbox):
-            state.spilling = True  # these rows wait in the outbox, and so do the next commits' behind them
+    """Push one lane's committed rows, unless older rows of this producer must go first."""
+    lane = items[0].lane
+    rows = [item.row for item in items]
+    with lane.lock:
+        if not lane.may_resume():
+            lane.spilling = True  # these rows wait in the outbox, and so do the next commits' behind them
             return
         if before_push is not None:
             before_push()
-        try:
-            codes, failure = queue._script.start(queue.name, rows).result()
-        except redis.RedisError as exc:
-            state.spilling = True
-            if not is_outage(exc):
-                log.warning("pushing committed jobs failed, leaving them to the replayer: %r", exc)
-                return
-            queue.health.mark_down(exc)
-            if is_ambiguous(exc):
-                _mark_ambiguous(outbox, ids)
+        result = lane.pusher.push(lane.queue, rows)  # the rows are in hand, not yet deleted: the deadline counts now
+        pushed = items[: len(result.codes)]
+        settler = lane.server.settler
+        _deleter(lane.outbox).add([(item.row_id, item.row.job_id, item.row.delivery, settler) for item in pushed])
+        metrics.COMMITTED_PUSHED.labels(lane.queue).inc(len(pushed))
+        if result.complete:
             return
-        _deleter(outbox).add(ids[: len(codes)])
-        metrics.COMMITTED_PUSHED.labels(queue.name).inc(len(codes))
-        if failure is not None:
-            state.spilling = True
-            error = redis.ResponseError(failure)
-            if is_outage(error):
-                queue.health.mark_down(error)
-            else:
-                log.warning("pushing a committed job failed, leaving it to the replayer: %s", failure)
+        lane.spilling = True
+        if result.refusal == LATE:
+            lane.pusher.clock.forget()
+        elif result.outage:
+            lane.health.mark_down(result.error)  # type: ignore[arg-type]
+            if result.ambiguous:
+                _mark_ambiguous(lane.outbox, [item.row_id for item in items])
+        else:
+            log.warning("pushing committed jobs failed, leaving them to the replayer: %r", result.error)
 
 
 def _mark_ambiguous(outbox: Outbox, ids: list[int]) -> None:
@@ -400,7 +368,7 @@ def _mark_ambiguous(outbox: Outbox, ids: list[int]) -> None:
 
 
 def _deleter(outbox: Outbox) -> DeliveredRows:
-    with queue_module._lock:
+    with lanes.lock:
         found = _deleters.get(outbox)
         if found is None:
             found = _deleters[outbox] = DeliveredRows(outbox)

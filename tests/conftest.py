@@ -37,11 +37,11 @@ def fresh_process_state() -> Iterator[None]:
     may get an earlier test's port for a different server.
     """
     yield
-    from spillover import queue
+    from spillover import lanes
 
-    queue._servers.clear()
-    queue._outboxes.clear()
-    queue._spill_states.clear()
+    lanes._servers.clear()
+    lanes._outboxes.clear()
+    lanes._lanes.clear()
     _kill_leftover_children()
 
 

@@ -11,13 +11,16 @@ from typing import Any
 
 import redis
 
-from spillover.settings import MARKER_PREFIX, PROBE_KEY
+from spillover.settings import FENCE_PREFIX, LEGACY_MARKER_PREFIX, MARKER_PREFIX, PROBE_KEY
 
 TESTS = Path(__file__).parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = TESTS.parent
 # Fields whose value is a time, so they differ between two runs of the same enqueue.
 TIME_FIELDS = {"created_at", "enqueued_at", "last_heartbeat"}
+#: spillover's own keys: delivery markers (this release's, by delivery id, and the job-id keys it keeps
+#: for older replayers) and the queues' fences.
+MARKER_KEYS = (MARKER_PREFIX, LEGACY_MARKER_PREFIX, FENCE_PREFIX)
 
 
 def snapshot(client: redis.Redis, keep_markers: bool = False, relative_schedule: bool = False) -> dict[str, Any]:
@@ -29,7 +32,7 @@ def snapshot(client: redis.Redis, keep_markers: bool = False, relative_schedule:
     state: dict[str, Any] = {}
     for raw in sorted(client.keys("*")):
         key = raw.decode()
-        if key == PROBE_KEY or (key.startswith(MARKER_PREFIX) and not keep_markers):
+        if key == PROBE_KEY or (key.startswith(MARKER_KEYS) and not keep_markers):
             continue
         kind = client.type(raw).decode()
         value: Any

@@ -7,13 +7,13 @@ import os
 import signal
 
 from spillover.cli import replay_main
-from spillover.redis_side import ReplayScript
+from spillover.pusher import Pusher
 
-_send = ReplayScript._send
+_send = Pusher._send
 _stalled = False
 
 
-def _stall_once(self: ReplayScript, args: list[object]) -> object:
+def _stall_once(self: Pusher, args: list[object]) -> object:
     global _stalled
     if not _stalled:
         _stalled = True
@@ -21,5 +21,5 @@ def _stall_once(self: ReplayScript, args: list[object]) -> object:
     return _send(self, args)
 
 
-ReplayScript._send = _stall_once  # type: ignore[method-assign,assignment]
+Pusher._send = _stall_once  # type: ignore[method-assign,assignment]
 replay_main()

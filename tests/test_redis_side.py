@@ -59,7 +59,7 @@ def test_rq_key_names_are_rqs():
     from rq.queue import Queue as RQQueue
     from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
 
-    from spillover import redis_side
+    from spillover import pusher as redis_side
 
     assert RQQueue.redis_queue_namespace_prefix == redis_side.RQ_QUEUE_PREFIX
     assert RQQueue.redis_queues_keys == redis_side.RQ_QUEUES_KEY

@@ -194,7 +194,8 @@ def test_lost_reply_at_commit_is_settled_by_the_marker(redis_server, sqlite_url)
         session.add(Order(item="x"))
         q.within(session).enqueue(jobs.noop, job_id="landed")
     client = redis_server.client()
-    assert client.exists(MARKER_PREFIX + "landed"), "the push landed with its marker; its reply was lost"
+    [row] = Outbox(sqlite_url).fetch_pending("tests", "orders", 10)
+    assert client.exists(MARKER_PREFIX + row.delivery), "the push landed with its marker; its reply was lost"
     assert Outbox(sqlite_url).pending_count("orders") == 1
     with engine.connect() as conn:
         assert conn.scalar(text("SELECT ambiguous FROM spillover_outbox")) == 1, "flagged: it may be in Redis"

@@ -66,7 +66,7 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
         assert _revision(url) == "0002" and not _target_is_not_null(url)
         producers.wait(spilled=100)
     alembic_upgrade(None, url, SPILLOVER_TARGET="", SPILLOVER_REDIS_URL="")
-    assert _revision(url) == "0003" and not _target_is_not_null(url)
+    assert _revision(url) == "0004" and not _target_is_not_null(url)
     producers.wait(spilled=200)  # all of them, old ones too, spill on into the new schema
 
     server.start()

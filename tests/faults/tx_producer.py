@@ -36,7 +36,7 @@ for i in range(count):
         within.enqueue(jobs.noop, job_id=job_id)
         session.commit()
     latencies.append(time.perf_counter() - started)
-    left += within.state.spilling
+    left += within.lane.spilling
     if not progress_file.report(i + 1, left):
         break
     if pace:

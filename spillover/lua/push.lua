@@ -1,0 +1,125 @@
+-- Push outbox rows into RQ: every write spillover makes into RQ is one call of this script.
+--
+-- The call as a whole is refused, writing nothing, when it arrives after its deadline
+-- (Redis time, ms: a request held in the network or by a paused process) or, for a
+-- replayer, when its fencing token is not the queue's current one (a newer lease holder
+-- has raised it). Then, per row: if the delivery's marker exists the job is in Redis
+-- already (a push whose reply or outbox delete was lost): write nothing. Otherwise write
+-- what RQ's enqueue would write and set the marker LAST, so a row that fails half-way is
+-- simply written again. A marker lives for the backstop until the row is gone from the
+-- outbox; then the pusher shortens it to the deadline window (settle.lua).
+--
+-- ARGV: queue_key, queues_set, job_prefix, scheduled_key, deferred_key,
+--       marker_prefix, legacy_prefix, backstop_ms, deadline_ms, fence_key ('' = none),
+--       fence_token, rows.
+-- rows is one MessagePack array with, per row, the array
+--       {job_id, delivery ('' = a row of a release before 0.4), at_front (0/1),
+--        scheduled_at ('' = now), job hash}
+-- and the job hash is itself the MessagePack array (field, value, ...) that the producer
+-- stored in the outbox: cmsgpack unpacks a whole batch in one C call.
+-- Returns {codes, error, refusal, redis time ms}: codes has one digit per processed row
+-- (0 duplicate, 1 queued, 2 deferred, 3 scheduled); processing stops at the first failing
+-- row, whose error text is the second element; refusal is '', 'LATE' or 'FENCED'.
+
+if redis.replicate_commands then redis.replicate_commands() end -- TIME before writes (Redis < 5)
+
+local queue_key, queues_set, job_prefix = ARGV[1], ARGV[2], ARGV[3]
+local scheduled_key, deferred_key = ARGV[4], ARGV[5]
+local marker_prefix, legacy_prefix, backstop = ARGV[6], ARGV[7], ARGV[8]
+local deadline, fence_key, fence_token = tonumber(ARGV[9]), ARGV[10], ARGV[11]
+
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if now_ms > deadline then return {'', '', 'LATE', now_ms} end
+if fence_key ~= '' and redis.call('GET', fence_key) ~= fence_token then return {'', '', 'FENCED', now_ms} end
+
+local rows = cmsgpack.unpack(ARGV[12])
+local codes = {}
+
+local function write(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then error(reply.err, 0) end
+  return reply
+end
+
+-- RQ defers a job while any parent exists and is not finished.
+local function must_defer(deps)
+  for _, dep in ipairs(deps) do
+    local status = redis.call('HGET', job_prefix .. dep, 'status')
+    if redis.call('EXISTS', job_prefix .. dep) == 1 and status ~= 'finished' then return true end
+  end
+  return false
+end
+
+-- Whether this delivery is in Redis already. Releases before 0.4 key their marker by the job
+-- id (value '1'); this release sets that key too, holding the delivery id, for as long as its
+-- own marker lives, so that a replayer of such a release running beside it (a deploy) skips
+-- the rows this release pushed, and this release skips the rows that one pushed.
+local function delivered(job_id, delivery)
+  local legacy = redis.call('GET', legacy_prefix .. job_id)
+  if delivery == '' then return legacy ~= false end
+  if redis.call('EXISTS', marker_prefix .. delivery) == 1 then return true end
+  return legacy == '1' or legacy == delivery
+end
+
+local function push_row(job_id, delivery, at_front, scheduled_at, fields)
+  if delivered(job_id, delivery) then return 0 end
+  local ttl, deps = '', {}
+  for f = 1, #fields, 2 do
+    if fields[f] == 'ttl' then ttl = fields[f + 1]
+    elseif fields[f] == 'dependency_ids' then deps = cjson.decode(fields[f + 1]) end
+  end
+  local job_key = job_prefix .. job_id
+
+  local code = 1
+  if scheduled_at ~= '' then code = 3 elseif #deps > 0 and must_defer(deps) then code = 2 end
+
+  if code == 2 then
+    -- RQ saves a deferred job with status 'deferred' and no enqueued_at.
+    local hash = {}
+    for f = 1, #fields, 2 do
+      local name = fields[f]
+      if name ~= 'enqueued_at' then
+        hash[#hash + 1] = name
+        hash[#hash + 1] = (name == 'status') and 'deferred' or fields[f + 1]
+      end
+    end
+    fields = hash
+  end
+  write('HSET', job_key, unpack(fields))
+  if code == 2 then
+    write('ZADD', deferred_key, clock[1], job_id)
+    for _, dep in ipairs(deps) do
+      write('SADD', job_prefix .. dep .. ':dependents', job_id)
+      write('SADD', job_prefix .. ':' .. job_id .. ':dependencies', dep)
+    end
+  end
+  if ttl ~= '' and tonumber(ttl) > 0 then
+    write('EXPIRE', job_key, ttl)
+    write('EXPIRE', job_prefix .. job_id .. ':dependents', ttl)
+    write('EXPIRE', job_prefix .. ':' .. job_id .. ':dependencies', ttl)
+  end
+  if code == 3 then
+    write('ZADD', scheduled_key, scheduled_at, job_id)
+  elseif code == 1 then
+    write(at_front == '1' and 'LPUSH' or 'RPUSH', queue_key, job_id)
+  end
+  if delivery == '' then -- '0': pushed by this release, which looks at '1' only for older releases' pushes
+    write('SET', legacy_prefix .. job_id, '0', 'PX', backstop)
+  else
+    write('SET', marker_prefix .. delivery, '1', 'PX', backstop)
+    write('SET', legacy_prefix .. job_id, delivery, 'PX', backstop)
+  end
+  return code
+end
+
+-- RQ registers the queue with every enqueue; once per batch is the same set.
+local registered, failure = pcall(write, 'SADD', queues_set, queue_key)
+if not registered then return {'', tostring(failure), '', now_ms} end
+
+for n, row in ipairs(rows) do
+  local ok, result = pcall(push_row, row[1], row[2], row[3], row[4], row[5])
+  if not ok then return {table.concat(codes), tostring(result), '', now_ms} end
+  codes[n] = result
+end
+return {table.concat(codes), '', '', now_ms}

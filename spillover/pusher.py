@@ -1,0 +1,306 @@
+"""Every write spillover makes into RQ: ``Pusher.push(queue, rows) -> PushResult``.
+
+A push is one call of ``lua/push.lua``. It carries, per row, the row's delivery id (one per
+enqueue: the direct write, the spilled row and every replay of it share it), and for the
+call a deadline in Redis's own time and, from a replayer, the fencing token of its queue
+lease. Redis refuses the whole call, writing nothing, when it arrives after the deadline or
+with a token older than the queue's fence; otherwise it skips every row whose delivery
+marker exists and writes the others with their markers. A marker lives for the backstop
+(``SPILLOVER_MARKER_TTL``) while its row may still be sent again, and once the row is gone
+it is settled: kept only until every request that may carry it is past its deadline.
+
+Deadlines come from Redis ``TIME`` (``RedisClock``), never from this host's clock alone, and
+count from when the rows were read: a request is created at most one window after its rows
+were read, and settling happens after the row is deleted, so a marker always outlives every
+request that carries it.
+
+The callers (the direct path, a producer pushing its own rows, the transactional push, the
+replayer) read one ``PushResult`` with one outage classification (redis_side.is_outage).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Protocol
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from .redis_side import is_ambiguous, is_outage
+from .settings import FENCE_PREFIX, LEGACY_MARKER_PREFIX, MARKER_PREFIX
+from .stored_job import msgpack_array_header, msgpack_str
+
+# RQ's key names (rq 2.x; tests/test_redis_side.py checks them against rq). Spelled out here
+# so the replayer does not import rq at all: it never needs RQ's code, only its key layout.
+RQ_QUEUE_PREFIX = "rq:queue:"
+RQ_QUEUES_KEY = "rq:queues"
+RQ_JOB_PREFIX = "rq:job:"
+RQ_SCHEDULED_KEY = "rq:scheduled:{0}"
+RQ_DEFERRED_KEY = "rq:deferred:{0}"
+
+# What the push script says it did with each row.
+DUPLICATE, QUEUED, DEFERRED, SCHEDULED = 0, 1, 2, 3
+# Why it wrote nothing at all.
+LATE, FENCED = "LATE", "FENCED"
+
+#: A fence outlives its holder's lease by far; a holder that finds it gone raises it again.
+FENCE_TTL_MS = 24 * 3600 * 1000
+#: Seconds after which the clock asks Redis again even if no push told it the time meanwhile.
+CLOCK_RELEARN = 300.0
+
+
+@functools.cache
+def load_script(name: str) -> str:
+    return resources.files("spillover").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class PushItem(Protocol):
+    """What a push needs of a stored job (an outbox row has it all)."""
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def delivery(self) -> str | None: ...
+    @property
+    def job_hash(self) -> bytes: ...
+    @property
+    def at_front(self) -> bool: ...
+    @property
+    def scheduled_at(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A lease holder's fencing token for one target's queue, as raised in Redis."""
+
+    key: str
+    token: int
+
+
+@dataclass
+class PushResult:
+    """What one push did: a code per row it processed, and what stopped it, if anything.
+
+    ``refusal`` (LATE, FENCED): Redis wrote nothing, and nothing is wrong with the rows.
+    ``error``: a reply error of the first row not processed (the rows before it are written),
+    or the error of the call itself (then ``codes`` is empty and, if ``ambiguous``, the call
+    may have been applied all the same).
+    """
+
+    codes: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+    refusal: str | None = None
+    row_error: bool = False  # ``error`` is the reply of row ``len(codes)``, not of the call
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and self.refusal is None
+
+    @property
+    def outage(self) -> bool:
+        """Redis cannot take writes now: spill, or wait for it."""
+        return self.error is not None and is_outage(self.error)
+
+    @property
+    def ambiguous(self) -> bool:
+        """The call may have been applied although no reply says so (a lost or late reply)."""
+        return self.error is not None and not self.row_error and is_ambiguous(self.error)
+
+
+class RedisClock:
+    """Redis's time in ms, as this process can bound it from below.
+
+    Learned from Redis (``TIME``, and the time each push reply carries) against the local
+    monotonic clock: a host whose wall clock is minutes off still computes deadlines Redis
+    agrees with. An estimate is never later than Redis's real time (the reply arrives after
+    Redis read its clock), so a deadline counted from it is never later than it should be.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._offset: float | None = None
+        self._learned_at = -1e9
+
+    def learn(self, redis_ms: float) -> None:
+        """Redis's time (ms) when it ran a command whose reply has just arrived."""
+        now = time.monotonic()
+        self._offset, self._learned_at = redis_ms - now * 1000.0, now
+
+    def forget(self) -> None:
+        """Ask Redis again before the next estimate (a push was refused as late: Redis's clock may have jumped)."""
+        self._offset = None
+
+    def now_ms(self) -> float:
+        """Redis's time now (ms), at most the round trip of the last look behind it; asks Redis if it must."""
+        if self._offset is None or time.monotonic() - self._learned_at > CLOCK_RELEARN:
+            seconds, micros = self.client.time()
+            self.learn(seconds * 1000.0 + micros // 1000)
+        assert self._offset is not None
+        return time.monotonic() * 1000.0 + self._offset
+
+
+class _Script:
+    """One Lua script on one client, run by its SHA (computed here: no round trip to learn it)."""
+
+    def __init__(self, client: redis.Redis, name: str) -> None:
+        self.client = client
+        self.source = load_script(name)
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    def load(self) -> None:
+        self.client.script_load(self.source)
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            return self.client.evalsha(self.sha, 0, *args)
+        except NoScriptError:  # a new or restarted Redis: it ran nothing; load, run again
+            self.load()
+            return self.client.evalsha(self.sha, 0, *args)
+
+
+class Pusher:
+    """The push, settle and fence scripts on one (bounded) client of one Redis server."""
+
+    def __init__(self, client: redis.Redis, *, backstop: float, window: float, clock: RedisClock | None = None) -> None:
+        self.client = client
+        self.clock = clock or RedisClock(client)
+        self.backstop_ms = max(1, int(backstop * 1000))
+        self.window_ms = max(1, int(window * 1000))
+        self._push = _Script(client, "push.lua")
+        self._settle = _Script(client, "settle.lua")
+        self._fence = _Script(client, "fence.lua")
+
+    def load(self) -> None:
+        """Make sure the server has the push script (a Redis that is new, restarted or failed over may lack it)."""
+        self._push.load()
+
+    def push(
+        self, queue: str, rows: Sequence[PushItem], *, read_at: float | None = None, fence: Fence | None = None
+    ) -> PushResult:
+        return self.start(queue, rows, read_at=read_at, fence=fence).result()
+
+    def start(
+        self, queue: str, rows: Sequence[PushItem], *, read_at: float | None = None, fence: Fence | None = None
+    ) -> PendingPush:
+        """Send a push and return at once (``result()`` reads the reply), so the caller can work meanwhile.
+
+        ``read_at``: ``clock.now_ms()`` taken before ``rows`` were read from the outbox (default: now);
+        the deadline counts from it.
+        """
+        try:
+            deadline = (self.clock.now_ms() if read_at is None else read_at) + self.window_ms
+        except redis.RedisError as exc:
+            return PendingPush(self, None, [], PushResult(error=exc))
+        args: list[Any] = [
+            RQ_QUEUE_PREFIX + queue,
+            RQ_QUEUES_KEY,
+            RQ_JOB_PREFIX,
+            RQ_SCHEDULED_KEY.format(queue),
+            RQ_DEFERRED_KEY.format(queue),
+            MARKER_PREFIX,
+            LEGACY_MARKER_PREFIX,
+            self.backstop_ms,
+            int(deadline),
+            fence.key if fence else "",
+            fence.token if fence else "",
+            pack_rows(rows),
+        ]
+        return self._send(args)
+
+    def _send(self, args: list[Any]) -> PendingPush:
+        pool = self.client.connection_pool
+        try:
+            conn: Any = pool.get_connection()
+        except redis.RedisError as exc:
+            return PendingPush(self, None, args, PushResult(error=exc))
+        try:
+            conn.send_command("EVALSHA", self._push.sha, 0, *args)
+        except redis.RedisError as exc:
+            conn.disconnect()
+            pool.release(conn)
+            return PendingPush(self, None, args, PushResult(error=exc))
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return PendingPush(self, conn, args)
+
+    def settle(self, items: Sequence[tuple[str, str | None]], *, at_once: bool = False) -> int:
+        """Markers of (job id, delivery id) whose rows are gone: kept one window more, or (``at_once``,
+        a direct write whose reply came back: no other request carries it) deleted now. How many were found."""
+        args: list[Any] = [MARKER_PREFIX, LEGACY_MARKER_PREFIX, 0 if at_once else self.window_ms]
+        for job_id, delivery in items:
+            args += [job_id, delivery or ""]
+        return int(self._settle(*args))
+
+    def raise_fence(self, name: str, queue: str, epoch: int) -> Fence:
+        """Make ``epoch`` (or above it) the only token whose pushes ``name``'s ``queue`` takes from now on."""
+        key = f"{FENCE_PREFIX}{name}:{queue}"
+        return Fence(key, int(self._fence(key, epoch, FENCE_TTL_MS)))
+
+
+class PendingPush:
+    """A push in flight on one connection (or one that failed before it was sent)."""
+
+    def __init__(self, pusher: Pusher, conn: Any, args: list[Any], failed: PushResult | None = None) -> None:
+        self.pusher, self.conn, self.args, self.failed = pusher, conn, args, failed
+
+    def abandon(self) -> None:
+        """Drop the call without reading its reply (the connection cannot be reused)."""
+        if self.conn is not None:
+            self.conn.disconnect()
+            self.pusher.client.connection_pool.release(self.conn)
+            self.conn = None
+
+    def result(self) -> PushResult:
+        """Read the reply. Redis errors are returned in the result, never raised."""
+        if self.failed is not None or self.conn is None:
+            return self.failed or PushResult(error=redis.ConnectionError("push abandoned"))
+        pool = self.pusher.client.connection_pool
+        conn, self.conn = self.conn, None
+        try:
+            reply = conn.read_response()
+        except NoScriptError:  # a new or restarted Redis without the script: it ran nothing; load, resend
+            pool.release(conn)
+            try:
+                self.pusher.load()
+            except redis.RedisError as exc:
+                return PushResult(error=exc)
+            return self.pusher._send(self.args).result()
+        except redis.RedisError as exc:
+            conn.disconnect()
+            pool.release(conn)
+            return PushResult(error=exc)
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        pool.release(conn)
+        self.pusher.clock.learn(float(reply[3]))
+        if reply[2]:
+            return PushResult(refusal=reply[2].decode())
+        codes = [int(code) for code in reply[0].decode()]
+        failure = reply[1].decode("utf-8", "replace") if reply[1] else None
+        if failure is None:
+            return PushResult(codes)
+        return PushResult(codes, ResponseError(failure), row_error=True)
+
+
+def pack_rows(rows: Sequence[PushItem]) -> bytes:
+    """One MessagePack array of {job_id, delivery, at_front, scheduled_at, stored job hash} arrays."""
+    parts = [msgpack_array_header(len(rows))]
+    for row in rows:
+        scheduled = b"" if row.scheduled_at is None else str(row.scheduled_at).encode()
+        delivery = (row.delivery or "").encode()
+        parts += [_ROW_HEADER, msgpack_str(row.job_id.encode()), msgpack_str(delivery)]
+        parts += [_FRONT if row.at_front else _BACK, msgpack_str(scheduled), row.job_hash]
+    return b"".join(parts)
+
+
+_ROW_HEADER = msgpack_array_header(5)
+_FRONT, _BACK = msgpack_str(b"1"), msgpack_str(b"0")
