@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 import jobs  # bench/jobs.py
 from orders import Base, Order
-from run import alternate, per_op_us
+from timing import alternate, per_op_us
 
 from spillover import Queue, migrate
 

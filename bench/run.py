@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
 from pathlib import Path
 
 import redis
@@ -31,10 +31,13 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import jobs  # noqa: E402
 from servers import RedisServer, free_port  # noqa: E402
+from timing import alternate, per_op_us  # noqa: E402
 
-from spillover import Outbox, Queue, migrate  # noqa: E402
+from spillover import Outbox, Queue, migrate, settings  # noqa: E402
 from spillover.outbox import create_outbox_engine  # noqa: E402
 from spillover.schema import outbox as outbox_table  # noqa: E402
+from spillover.settings import LEGACY_MARKER_PREFIX, MARKER_PREFIX  # noqa: E402
+from spillover.stored_job import new_delivery_id  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str, str]] = []
 
@@ -43,22 +46,6 @@ def row(figure: str, ours: float, theirs: float, unit: str, against: str, aim: s
     ratio = ours / theirs if theirs else float("nan")
     ROWS.append((figure, f"{ours:,.1f} {unit}", f"{theirs:,.1f} {unit} ({against})", f"{ratio:.2f}x", aim))
     print(f"  {figure}: {ours:,.1f} vs {theirs:,.1f} {unit} -> {ratio:.2f}x", flush=True)
-
-
-def alternate(a: Callable[[], float], b: Callable[[], float], rounds: int) -> tuple[float, float]:
-    """Run a and b in turns; median of each."""
-    xs, ys = [], []
-    for _ in range(rounds):
-        xs.append(a())
-        ys.append(b())
-    return statistics.median(xs), statistics.median(ys)
-
-
-def per_op_us(fn: Callable[[int], None], n: int) -> float:
-    started = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return (time.perf_counter() - started) / n * 1e6
 
 
 def fresh_outbox(workdir: Path, name: str, pg: str | None = None) -> str:
@@ -105,6 +92,11 @@ def bench_healthy_many(server: RedisServer, workdir: Path, batches: int, rounds:
     row("healthy enqueue_many, 500 per call", a, b, "jobs/s", "rq.Queue.enqueue_many", ">= 1.5x", True)
 
 
+def count_markers(conn: redis.Redis) -> int:
+    """Delivery markers in Redis: this release's (by delivery id) and the job-id keys kept for 0.3 replayers."""
+    return len(conn.keys(MARKER_PREFIX + "*")) + len(conn.keys(LEGACY_MARKER_PREFIX + "*"))
+
+
 def markers_left(server: RedisServer, workdir: Path, n: int) -> None:
     """Delivery markers left in Redis 5 s after ``n`` healthy enqueues (they were all confirmed)."""
     conn = server.client()
@@ -113,9 +105,51 @@ def markers_left(server: RedisServer, workdir: Path, n: int) -> None:
     for i in range(n):
         q.enqueue(jobs.noop, i)
     time.sleep(5)
-    left = len(conn.keys("spillover:delivered:*"))
+    left = count_markers(conn)
     ROWS.append((f"markers left 5 s after {n:,} healthy enqueues", f"{left:,}", "-", f"{left / n:.1%}", "<= 1%"))
     print(f"  markers left: {left} of {n}", flush=True)
+
+
+def transaction_markers_left(server: RedisServer, workdir: Path, n: int) -> None:
+    """Markers left 40 s after ``n`` transactional commits (pushed at commit; their rows deleted, markers settled)."""
+    from orders import Base, Order
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    conn = server.client()
+    conn.flushdb()
+    url = fresh_outbox(workdir, "tx-markers")
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    q = Queue("tx-markers", connection=conn, outbox=url)
+    for i in range(n):
+        with Session(engine) as session:
+            session.add(Order(item=f"order {i}"))
+            q.within(session).enqueue(jobs.noop, i)
+            session.commit()
+    assert conn.llen("rq:queue:tx-markers") == n
+    time.sleep(40)
+    left = count_markers(conn)
+    ROWS.append((f"markers left 40 s after {n:,} transactional commits", f"{left:,}", "-", f"{left / n:.1%}", "<= 1%"))
+    print(f"  markers left: {left} of {n}", flush=True)
+    engine.dispose()
+
+
+def bytes_per_marker(server: RedisServer, n: int = 100_000) -> float:
+    """Redis memory of one delivery in doubt: its marker and its job-id key, each with an expiry (INFO used_memory)."""
+    conn = server.client()
+    conn.flushdb()
+    before = int(conn.info("memory")["used_memory"])
+    pipe = conn.pipeline(transaction=False)
+    for _ in range(n):
+        delivery = new_delivery_id()
+        pipe.set(MARKER_PREFIX + delivery, "1", px=604_800_000)
+        pipe.set(LEGACY_MARKER_PREFIX + str(uuid.uuid4()), delivery, px=604_800_000)  # RQ's job ids: uuid4
+    pipe.execute()
+    per = (int(conn.info("memory")["used_memory"]) - before) / n
+    conn.flushdb()
+    ROWS.append(("Redis memory per delivery in doubt (marker + job-id key)", f"{per:,.0f} bytes", "-", "-", "measured"))
+    return per
 
 
 def raw_insert_rate(url: str, n: int) -> float:
@@ -332,6 +366,21 @@ def bench_replay(
         if not pg:
             Path(url.removeprefix("sqlite:///")).unlink()
     a, b = statistics.median(ours), statistics.median(theirs)
+    if not pg and rows == 20_000:  # the last round's markers, once the delivery window has passed
+        fill_outbox(url := fresh_outbox(workdir, "replay-markers"), rows)
+        replay_process(url, server.url)
+        time.sleep(settings.DEFAULT_DELIVERY_WINDOW + 5)
+        left = count_markers(conn)
+        conn.flushdb()
+        ROWS.append(
+            (
+                f"markers left {settings.DEFAULT_DELIVERY_WINDOW + 5:.0f} s after replaying {rows:,} rows",
+                f"{left:,}",
+                "-",
+                f"{left / rows:.1%}",
+                "<= 1%",
+            )
+        )
     row(
         f"replay {rows:,} rows, whole --once process{label} (peak RSS {max(rss) / 1024:.0f} MiB)",
         a,
@@ -534,13 +583,16 @@ def main() -> None:
             bench_healthy(server, tmp, 1000 if args.quick else 3000, rounds)
             bench_healthy_many(server, tmp, 4 if args.quick else 10, rounds)
             markers_left(server, tmp, 2000)
+            per_marker = bytes_per_marker(server)
             print("spill", flush=True)
             bench_spill(tmp, 1000 if args.quick else 2000, rounds)
             bench_many_producers(tmp, 500 if args.quick else 1000)
             print("transaction", flush=True)
             bench_transaction(server, tmp, 300 if args.quick else 1000, rounds)
+            transaction_markers_left(server, tmp, 2000)
             print("replay", flush=True)
             rate_20k = bench_replay(server, tmp, 20_000, rounds)
+            outage_memory(per_marker, rate_20k)
             print("drain", flush=True)
             bench_drain(server, tmp, tmp, 20_000 if args.quick else 100_000, 1 if args.quick else 3)
             if args.large:
@@ -555,6 +607,7 @@ def main() -> None:
                 bench_many_producers(tmp, 300 if args.quick else 500, pg=args.postgres)
                 bench_transaction(server, tmp, 300 if args.quick else 1000, rounds, pg=args.postgres)
                 bench_replay(server, tmp, 20_000, max(1, rounds // 2), pg=args.postgres, label=" (Postgres)")
+                bench_peer(server, args.postgres, 300 if args.quick else 1000, rounds)
         finally:
             server.stop()
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -568,6 +621,34 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for figure in ROWS:
         print("| " + " | ".join(figure) + " |")
+
+
+def outage_memory(per_marker: float, drain_rate: float, rate: int = 1000, hours: float = 1.0) -> None:
+    """Redis memory spillover holds for a one-hour outage at ``rate`` jobs/s: during the drain, markers of
+    the last delivery window; after it, none (a fence per queue, about 100 bytes)."""
+    window = settings.DEFAULT_DELIVERY_WINDOW
+    peak = per_marker * drain_rate * window
+    rows = int(rate * hours * 3600)
+    ROWS.append(
+        (
+            f"Redis memory for markers, {rows:,}-row outage backlog: drain peak / one window after",
+            f"{peak / 2**20:,.0f} MiB / 0",
+            f"{per_marker * rows / 2**20:,.0f} MiB (one marker per row, as with a 7-day TTL)",
+            "-",
+            "computed: bytes per marker x drain rate x window",
+        )
+    )
+
+
+def bench_peer(server: RedisServer, pg: str, n: int, rounds: int) -> None:
+    """within() against procrastinate's transactional defer on the caller's own connection (bench/peers.py)."""
+    try:
+        from peers import bench_procrastinate
+    except ImportError:
+        print("  procrastinate not installed (pip install -e '.[bench]'): skipped", flush=True)
+        return
+    ours, theirs = bench_procrastinate(pg, server.client(), n, rounds)
+    row("insert a row + enqueue within it (Postgres)", ours, theirs, "µs", "procrastinate 3.10 defer", "<= 1.0x", False)
 
 
 def redis_version() -> str:

@@ -1,33 +1,31 @@
-"""Outbox storage: the durable table spilled jobs wait in. Knows nothing of Redis.
+"""Outbox storage: the durable table spilled jobs wait in, as producers and the replayer use it.
 
-SQLite is set up for many producer processes at once: WAL journal,
-``synchronous=FULL`` (a returned enqueue survives power loss), a busy timeout, and
-``BEGIN IMMEDIATE`` for writes so a transaction never has to upgrade a read lock
-(the upgrade is what fails with "database is locked" regardless of the timeout).
+Knows nothing of Redis. The engine's set-up is in outbox_engine.py, what operators ask of
+the table in outbox_admin.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import socket
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, select, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from . import settings
-from .errors import BacklogFull, ConfigurationError, OutboxNotMigrated
+from .errors import BacklogFull, OutboxNotMigrated
+from .outbox_admin import OperatorQueries
+from .outbox_engine import create_outbox_engine, dispose_in_child, is_missing_table, producer_id
 from .schema import DEAD, DONE, PENDING, outbox, queue_lease, replayer_registry
 from .stored_job import SpilledJob
+
+__all__ = ["Outbox", "OutboxRow", "create_outbox_engine", "is_missing_table", "producer_id"]
 
 _READ = {"spillover_begin": "DEFERRED"}
 T = TypeVar("T")
@@ -52,82 +50,7 @@ class OutboxRow(NamedTuple):
     age_seconds: float
 
 
-def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
-    """An Engine tuned for the outbox: durable SQLite, or a Postgres pool.
-
-    No pre-ping on Postgres (a round trip per spill): the spill and replay paths retry
-    once on a connection the server closed, and the replayer retries everything else.
-    """
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url)
-    if parsed.database in (None, "", ":memory:"):
-        raise ConfigurationError("an in-memory SQLite outbox is not durable; give it a file path")
-    path = None if parsed.query.get("uri") else parsed.database
-    timeout = settings.busy_timeout() if busy_timeout is None else busy_timeout
-    # isolation_level=None: pysqlite stops issuing BEGIN itself; we issue our own below.
-    engine = create_engine(url, connect_args={"timeout": timeout, "isolation_level": None})
-
-    @event.listens_for(engine, "do_connect")
-    def _owner_only(*_args: Any) -> None:
-        if path is not None:
-            _create_owner_only(path)
-
-    @event.listens_for(engine, "connect")
-    def _tune(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('spillover_begin', 'IMMEDIATE')}")
-
-    return engine
-
-
-def _create_owner_only(path: str) -> None:
-    """Create the SQLite file 0600 before SQLite does: its -wal and -shm files take its mode.
-
-    Rows hold pickled calls: whoever can write them runs code on the workers, and
-    whoever can read them sees every argument.
-    """
-    # FileExistsError: an existing outbox keeps the mode its owner gave it. Any other
-    # OSError (no directory, no permission): SQLite's own error says so a moment later.
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-
-
-def _dispose_in_child(engine_ref: weakref.ref[Engine]) -> None:
-    engine = engine_ref()
-    if engine is not None:
-        # The parent's pooled connections must not be used (or closed) by the child.
-        engine.dispose(close=False)
-
-
-def is_missing_table(exc: StatementError, table: str = outbox.name) -> bool:
-    """``table``, or a column a newer migration adds, is missing: the schema is absent or behind."""
-    text = str(exc.orig).lower()
-    if "no such column" in text or "has no column named" in text:
-        return True  # SQLite names the column, not always the table
-    return table in text and ("no such table" in text or "does not exist" in text)
-
-
-_producer: tuple[int, str] | None = None
-
-
-def producer_id() -> str:
-    """host:pid:random, fresh after a fork; recorded on each row for diagnosis."""
-    global _producer
-    pid = os.getpid()
-    if _producer is None or _producer[0] != pid:
-        _producer = (pid, f"{socket.gethostname()[:40]}:{pid}:{uuid.uuid4().hex[:8]}")
-    return _producer[1]
-
-
-class Outbox:
+class Outbox(OperatorQueries):
     """The outbox table behind one database URL or Engine; share one per process.
 
     Give a URL and spillover tunes the engine (WAL, ``synchronous=FULL``, busy timeout for
@@ -156,7 +79,7 @@ class Outbox:
         self._shape_read_at = -1e9
         if hasattr(os, "register_at_fork"):
             engine_ref = weakref.ref(self.engine)
-            os.register_at_fork(after_in_child=lambda: _dispose_in_child(engine_ref))
+            os.register_at_fork(after_in_child=lambda: dispose_in_child(engine_ref))
 
     def __repr__(self) -> str:
         return f"Outbox({self.url!r})"
@@ -377,19 +300,6 @@ class Outbox:
 
     # -- replayer side -------------------------------------------------------------
 
-    def pending_by_target(self) -> dict[str | None, dict[str, int]]:
-        """Pending rows per target and queue: {target: {queue: rows}} (target None: rows without one)."""
-        query = (
-            select(outbox.c.target, outbox.c.queue, func.count())
-            .where(outbox.c.state == PENDING)
-            .group_by(outbox.c.target, outbox.c.queue)
-        )
-        found: dict[str | None, dict[str, int]] = {}
-        with self._transaction(read_only=True) as conn:
-            for target, queue, count in conn.execute(query):
-                found.setdefault(target, {})[queue] = int(count)
-        return found
-
     def pending_groups(self, by_host: Callable[[str], bool] = lambda target: False) -> list[PendingGroup]:
         """Pending rows per target and queue; for targets ``by_host`` picks, per producer host too.
 
@@ -494,81 +404,6 @@ class Outbox:
         with self._transaction() as conn:
             result = conn.execute(delete(outbox).where(outbox.c.state == DONE, outbox.c.updated_at < cutoff))
             return result.rowcount or 0
-
-    # -- operators -----------------------------------------------------------------
-
-    def queue_stats(self) -> list[dict[str, Any]]:
-        """Per target and queue: pending rows, age of the oldest pending row (s), dead rows."""
-        age = func.max(_age_seconds(self.engine))
-        query = select(outbox.c.target, outbox.c.queue, outbox.c.state, func.count(), age).group_by(
-            outbox.c.target, outbox.c.queue, outbox.c.state
-        )
-        stats: dict[tuple[str, str], dict[str, Any]] = {}
-        with self._transaction(read_only=True) as conn:
-            for target, queue, state, count, oldest in conn.execute(query):
-                empty = {"target": target, "queue": queue, "pending": 0, "oldest_age_s": None, "dead": 0}
-                entry = stats.setdefault((target, queue), empty)
-                if state == PENDING:
-                    entry["pending"] = int(count)
-                    entry["oldest_age_s"] = round(float(oldest), 1)
-                elif state == DEAD:
-                    entry["dead"] = int(count)
-        return [stats[key] for key in sorted(stats, key=lambda key: (key[0] or "", key[1]))]
-
-    def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
-        query = (
-            select(
-                outbox.c.id,
-                outbox.c.target,
-                outbox.c.queue,
-                outbox.c.job_id,
-                outbox.c.attempts,
-                outbox.c.last_error,
-                outbox.c.updated_at,
-            )
-            .where(outbox.c.state == DEAD)
-            .order_by(outbox.c.id)
-            .limit(limit)
-        )
-        with self._transaction(read_only=True) as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
-
-    def retry_dead(self, row_id: int | None) -> int:
-        """Put dead rows (one, or all with None) back to pending with a fresh attempt count.
-
-        The operator has checked the job is not in RQ, so it is no longer ambiguous.
-        """
-        query = update(outbox).where(outbox.c.state == DEAD)
-        if row_id is not None:
-            query = query.where(outbox.c.id == row_id)
-        with self._transaction() as conn:
-            result = conn.execute(query.values(state=PENDING, attempts=0, ambiguous=False, updated_at=func.now()))
-            return result.rowcount or 0
-
-    def retarget(self, old: str | None, new: str, host: str | None = None) -> int:
-        """Name ``new`` as the Redis of the pending rows of ``old`` (None: rows with no target), from ``host`` only
-        if given; how many. For rows no replayer can recognise: written on a host that is gone, or given a
-        wrong target by an old migration."""
-        query = update(outbox).where(outbox.c.state == PENDING)
-        query = query.where(outbox.c.target.is_(None) if old is None else outbox.c.target == old)
-        if host is not None:
-            query = query.where(func.substr(outbox.c.producer, 1, len(host) + 1) == f"{host}:")
-        with self._transaction() as conn:
-            return conn.execute(query.values(target=new, updated_at=func.now())).rowcount or 0
-
-    def purge_dead(self, row_id: int | None) -> int:
-        query = delete(outbox).where(outbox.c.state == DEAD)
-        if row_id is not None:
-            query = query.where(outbox.c.id == row_id)
-        with self._transaction() as conn:
-            return conn.execute(query).rowcount or 0
-
-
-def _age_seconds(engine: Engine) -> Any:
-    """SQL for the age of a row in seconds, by the database's own clock."""
-    if engine.dialect.name == "sqlite":
-        return (func.julianday("now") - func.julianday(outbox.c.created_at)) * 86400.0
-    return func.extract("epoch", func.now() - outbox.c.created_at)
 
 
 def _seconds_ago(engine: Engine, seconds: float) -> Any:

@@ -1,0 +1,99 @@
+"""The outbox's database connection: an Engine set up for it, and who is writing.
+
+SQLite is set up for many producer processes at once: WAL journal,
+``synchronous=FULL`` (a returned enqueue survives power loss), a busy timeout, and
+``BEGIN IMMEDIATE`` for writes so a transaction never has to upgrade a read lock
+(the upgrade is what fails with "database is locked" regardless of the timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+import weakref
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import StatementError
+
+from . import settings
+from .errors import ConfigurationError
+from .schema import outbox
+
+
+def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engine:
+    """An Engine tuned for the outbox: durable SQLite, or a Postgres pool.
+
+    No pre-ping on Postgres (a round trip per spill): the spill and replay paths retry
+    once on a connection the server closed, and the replayer retries everything else.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url)
+    if parsed.database in (None, "", ":memory:"):
+        raise ConfigurationError("an in-memory SQLite outbox is not durable; give it a file path")
+    path = None if parsed.query.get("uri") else parsed.database
+    timeout = settings.busy_timeout() if busy_timeout is None else busy_timeout
+    # isolation_level=None: pysqlite stops issuing BEGIN itself; we issue our own below.
+    engine = create_engine(url, connect_args={"timeout": timeout, "isolation_level": None})
+
+    @event.listens_for(engine, "do_connect")
+    def _owner_only(*_args: Any) -> None:
+        if path is not None:
+            _create_owner_only(path)
+
+    @event.listens_for(engine, "connect")
+    def _tune(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('spillover_begin', 'IMMEDIATE')}")
+
+    return engine
+
+
+def _create_owner_only(path: str) -> None:
+    """Create the SQLite file 0600 before SQLite does: its -wal and -shm files take its mode.
+
+    Rows hold pickled calls: whoever can write them runs code on the workers, and
+    whoever can read them sees every argument.
+    """
+    # FileExistsError: an existing outbox keeps the mode its owner gave it. Any other
+    # OSError (no directory, no permission): SQLite's own error says so a moment later.
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
+def dispose_in_child(engine_ref: weakref.ref[Engine]) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        # The parent's pooled connections must not be used (or closed) by the child.
+        engine.dispose(close=False)
+
+
+def is_missing_table(exc: StatementError, table: str = outbox.name) -> bool:
+    """``table``, or a column a newer migration adds, is missing: the schema is absent or behind."""
+    text = str(exc.orig).lower()
+    if "no such column" in text or "has no column named" in text:
+        return True  # SQLite names the column, not always the table
+    return table in text and ("no such table" in text or "does not exist" in text)
+
+
+_producer: tuple[int, str] | None = None
+
+
+def producer_id() -> str:
+    """host:pid:random, fresh after a fork; recorded on each row for diagnosis."""
+    global _producer
+    pid = os.getpid()
+    if _producer is None or _producer[0] != pid:
+        _producer = (pid, f"{socket.gethostname()[:40]}:{pid}:{uuid.uuid4().hex[:8]}")
+    return _producer[1]
