@@ -6,9 +6,9 @@ replayer at a time (order), and different queues by different replayers at once.
 A lease expires ``ttl`` seconds after its last renewal (by the database's clock, so
 hosts with skewed clocks agree), so a standby takes a queue over within ``ttl``
 seconds of its drainer dying or stalling. A stalled drainer that wakes up with a
-batch in hand is harmless: each holder has an epoch (raised with every new holder,
-kept when the lease is given back), which the replayer raises in Redis as the
-queue's fence before its first batch; a batch carrying an older token writes nothing.
+batch in hand is harmless: each holding has an epoch (one above the last, kept when the
+lease is given back), which the holder raises in Redis as the queue's fence before its
+first batch; Redis refuses a raise below its fence and a batch carrying another epoch.
 """
 
 from __future__ import annotations
@@ -55,26 +55,20 @@ class QueueLease:
         self.epoch = 0
         #: The fence raised in Redis for this holding (None: raise it before the next batch).
         self.fence: Fence | None = None
-        self._last_token = 0
 
-    def next_token(self) -> int:
-        """The least token the next fence raised in Redis may carry: above this epoch and any earlier token."""
-        return max(self.epoch, self._last_token + 1)
-
-    def fenced(self, fence: Fence) -> None:
-        """The fence is raised in Redis for this holding; the outbox keeps its token as the epoch to go above,
-        so that tokens keep growing should Redis forget the fence (a restart without persistence)."""
-        self.fence = fence
-        self._last_token = fence.token
+    def epoch_above(self, fence: int) -> bool:
+        """Take an epoch above ``fence`` (a fence Redis has that the outbox's epochs fell behind: a lease row
+        deleted by an older release) if this holder still holds the lease; whether it does."""
         with self.engine.begin() as conn:
-            conn.execute(
+            now = db_now(conn)
+            raised = conn.execute(
                 update(queue_lease)
-                .where(
-                    self._mine, queue_lease.c.holder == self.holder, func.coalesce(queue_lease.c.epoch, 0) < fence.token
-                )
-                .values(epoch=fence.token)
-            )
-        self.epoch = max(self.epoch, fence.token)
+                .where(self._mine, queue_lease.c.holder == self.holder, queue_lease.c.expires_at >= now)
+                .values(epoch=fence + 1)
+            ).rowcount
+        if raised:
+            self.epoch, self.fence = fence + 1, None
+        return bool(raised)
 
     def fence_refused(self) -> None:
         """Redis refused our token: look at the lease in the outbox again, and raise the fence again if it is ours."""

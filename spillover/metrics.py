@@ -39,7 +39,15 @@ DUPLICATES = Counter(
     "spillover_duplicates_suppressed", "Outbox rows found already in Redis by their marker.", ["queue"]
 )
 KILLED = Counter("spillover_dead_marked", "Outbox rows the replayer gave up on.", ["queue"])
-REDIS_UP = Gauge("spillover_redis_up", "1 when the replayer's write-probe to Redis succeeds.")
+REFUSED = Counter(
+    "spillover_pushes_refused",
+    "Pushes Redis refused whole: after their deadline, or from an older lease holder.",
+    ["reason"],
+)
+REDIS_UP = Gauge(
+    "spillover_redis_up", "1 when the replayer's write-probe to Redis succeeds, 0 when it fails (NaN before the first)."
+)
+REDIS_UP.set(float("nan"))
 LEASE_HELD = Gauge("spillover_lease_held", "Queue leases this replayer holds now (the queues it is draining).")
 
 UNCLAIMED = Gauge(

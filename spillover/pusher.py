@@ -96,6 +96,7 @@ class PushResult:
     error: BaseException | None = None
     refusal: str | None = None
     row_error: bool = False  # ``error`` is the reply of row ``len(codes)``, not of the call
+    sent: bool = True  # False: it failed before the call was sent (no connection, Redis's time not known)
 
     @property
     def complete(self) -> bool:
@@ -109,7 +110,7 @@ class PushResult:
     @property
     def ambiguous(self) -> bool:
         """The call may have been applied although no reply says so (a lost or late reply)."""
-        return self.error is not None and not self.row_error and is_ambiguous(self.error)
+        return self.error is not None and self.sent and not self.row_error and is_ambiguous(self.error)
 
 
 class RedisClock:
@@ -180,12 +181,22 @@ class Pusher:
         self._push.load()
 
     def push(
-        self, queue: str, rows: Sequence[PushItem], *, read_at: float | None = None, fence: Fence | None = None
+        self,
+        queue: str,
+        rows: Sequence[PushItem],
+        *,
+        read_at: float | None = None,
+        fence: Fence | None = None,
     ) -> PushResult:
         return self.start(queue, rows, read_at=read_at, fence=fence).result()
 
     def start(
-        self, queue: str, rows: Sequence[PushItem], *, read_at: float | None = None, fence: Fence | None = None
+        self,
+        queue: str,
+        rows: Sequence[PushItem],
+        *,
+        read_at: float | None = None,
+        fence: Fence | None = None,
     ) -> PendingPush:
         """Send a push and return at once (``result()`` reads the reply), so the caller can work meanwhile.
 
@@ -195,7 +206,7 @@ class Pusher:
         try:
             deadline = (self.clock.now_ms() if read_at is None else read_at) + self.window_ms
         except redis.RedisError as exc:
-            return PendingPush(self, None, [], PushResult(error=exc))
+            return PendingPush(self, None, [], PushResult(error=exc, sent=False))
         args: list[Any] = [
             RQ_QUEUE_PREFIX + queue,
             RQ_QUEUES_KEY,
@@ -217,7 +228,7 @@ class Pusher:
         try:
             conn: Any = pool.get_connection()
         except redis.RedisError as exc:
-            return PendingPush(self, None, args, PushResult(error=exc))
+            return PendingPush(self, None, args, PushResult(error=exc, sent=False))
         try:
             conn.send_command("EVALSHA", self._push.sha, 0, *args)
         except redis.RedisError as exc:
@@ -238,10 +249,15 @@ class Pusher:
             args += [job_id, delivery or ""]
         return int(self._settle(*args))
 
-    def raise_fence(self, name: str, queue: str, epoch: int) -> Fence:
-        """Make ``epoch`` (or above it) the only token whose pushes ``name``'s ``queue`` takes from now on."""
+    def raise_fence(self, name: str, queue: str, epoch: int) -> tuple[Fence | None, int]:
+        """Make ``epoch`` the only token whose pushes ``name``'s ``queue`` takes from now on.
+
+        Returns (the fence, epoch), or (None, the fence Redis has) when that is not below ``epoch``:
+        an older holding's raise, refused.
+        """
         key = f"{FENCE_PREFIX}{name}:{queue}"
-        return Fence(key, int(self._fence(key, epoch, FENCE_TTL_MS)))
+        raised, token = self._fence(key, epoch, FENCE_TTL_MS)
+        return (Fence(key, int(token)) if raised else None), int(token)
 
 
 class PendingPush:
@@ -288,7 +304,7 @@ class PendingPush:
         failure = reply[1].decode("utf-8", "replace") if reply[1] else None
         if failure is None:
             return PushResult(codes)
-        return PushResult(codes, ResponseError(failure), row_error=True)
+        return PushResult(codes, ResponseError(failure), row_error=reply[4] != b"1")
 
 
 def pack_rows(rows: Sequence[PushItem]) -> bytes:

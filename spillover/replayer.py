@@ -331,6 +331,9 @@ class Replayer:
                     log.warning("lost the lease of queue %s to another replayer; leaving it", queue)
                     break
                 fence = self._fence(group, lease)
+                if fence is None:
+                    log.warning("queue %s: a newer holder has raised its fence; leaving it", queue)
+                    break
                 good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
                 push = self.pusher.start(queue, good, read_at=read_at, fence=fence) if good else None
                 try:
@@ -342,6 +345,8 @@ class Replayer:
                     raise
                 if push is not None:
                     result = push.result()
+                    if result.refusal is not None:
+                        metrics.REFUSED.labels(result.refusal.lower()).inc()
                     if result.refusal == FENCED:
                         log.warning("queue %s: redis refused this replayer's fencing token; checking its lease", queue)
                         lease.fence_refused()
@@ -382,14 +387,16 @@ class Replayer:
         except redis.RedisError as exc:
             raise self._redis_failed(exc) from exc
 
-    def _fence(self, group: Group, lease: QueueLease) -> Fence:
-        """The fence of this holding of ``group``'s lease, raised in Redis before its first batch."""
-        if lease.fence is None:
-            try:
-                lease.fenced(self.pusher.raise_fence(group.lease_name, group.queue, lease.next_token()))
-            except redis.RedisError as exc:
-                raise self._redis_failed(exc) from exc
-        assert lease.fence is not None
+    def _fence(self, group: Group, lease: QueueLease) -> Fence | None:
+        """The fence of this holding of ``group``'s lease, raised in Redis before its first batch; None if
+        Redis has a newer one and the outbox says the lease is no longer ours."""
+        try:
+            while lease.fence is None:
+                lease.fence, fence = self.pusher.raise_fence(group.lease_name, group.queue, lease.epoch)
+                if lease.fence is None and not lease.epoch_above(fence):
+                    return None
+        except redis.RedisError as exc:
+            raise self._redis_failed(exc) from exc
         return lease.fence
 
     def _redis_failed(self, exc: BaseException) -> BaseException:

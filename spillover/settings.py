@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 
+from .errors import ConfigurationError
+
 DEFAULT_DATABASE_URL = "sqlite:///spillover.db"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -79,7 +81,10 @@ def marker_ttl() -> int:
 
 
 def delivery_window() -> float:
-    return env_float("SPILLOVER_DELIVERY_WINDOW", DEFAULT_DELIVERY_WINDOW)
+    window = env_float("SPILLOVER_DELIVERY_WINDOW", DEFAULT_DELIVERY_WINDOW)
+    if window < 1:
+        raise ConfigurationError(f"SPILLOVER_DELIVERY_WINDOW must be at least 1 (seconds), not {window}")
+    return window
 
 
 def max_backlog() -> int:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+import redis
 import rq
 from rq.job import Job
 from rq.queue import EnqueueData
@@ -195,6 +196,10 @@ class TransactionalQueue:
                 notify_on_commit(connection)
                 connection.info[_NOTIFIED_KEY] = transaction
             return
+        if (
+            "delivery" in missing
+        ):  # the rows have no delivery id: pushed at commit by their job id, as the replayer will
+            rows = [replace(row, delivery=None) for row in rows]
         written = self.bind.info.setdefault(_INFO_KEY, [])
         written.extend(_Written(self.lane, row, row_id) for row, row_id in zip(rows, ids, strict=True))
 
@@ -293,6 +298,9 @@ def push_committed(written: list[_Written]) -> None:
     It runs inside ``commit()``, after the database commit: an error here must not look
     to the caller like a failed commit. Whatever is not pushed stays for the replayer.
     """
+    # Redis's time before the rows are read back: each push's deadline counts from it (a replayer
+    # may read, push and delete the same rows meanwhile; their markers outlive this deadline).
+    read_at = {id(item.lane): _redis_time(item.lane) for item in written}
     try:
         committed = _committed(written)
     except Exception as exc:  # the outbox database cannot say which rows committed
@@ -304,9 +312,9 @@ def push_committed(written: list[_Written]) -> None:
     by_lane: dict[int, list[_Written]] = {}
     for item in committed:
         by_lane.setdefault(id(item.lane), []).append(item)
-    for items in by_lane.values():
+    for lane_id, items in by_lane.items():
         try:
-            _push(items)
+            _push(items, read_at[lane_id])
         except Exception:
             log.exception("pushing committed jobs failed; the replayer will deliver them")
             with items[0].lane.lock:
@@ -332,17 +340,28 @@ def _committed(written: list[_Written]) -> list[_Written]:
     return [item for item in latest.values() if (id(item.lane.outbox), item.row_id, item.row.job_id) in exists]
 
 
-def _push(items: list[_Written]) -> None:
+def _redis_time(lane: SpillLane) -> float | None:
+    """Redis's time now, or None when Redis is down (no push at this commit: the replayer delivers)."""
+    if not lane.health.is_up:
+        return None
+    try:
+        return lane.pusher.clock.now_ms()
+    except redis.RedisError as exc:
+        lane.server_failed(exc)
+        return None
+
+
+def _push(items: list[_Written], read_at: float | None) -> None:
     """Push one lane's committed rows, unless older rows of this producer must go first."""
     lane = items[0].lane
     rows = [item.row for item in items]
     with lane.lock:
-        if not lane.may_resume():
+        if read_at is None or not lane.may_resume():
             lane.spilling = True  # these rows wait in the outbox, and so do the next commits' behind them
             return
         if before_push is not None:
             before_push()
-        result = lane.pusher.push(lane.queue, rows)  # the rows are in hand, not yet deleted: the deadline counts now
+        result = lane.pusher.push(lane.queue, rows, read_at=read_at)
         pushed = items[: len(result.codes)]
         settler = lane.server.settler
         _deleter(lane.outbox).add([(item.row_id, item.row.job_id, item.row.delivery, settler) for item in pushed])

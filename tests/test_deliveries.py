@@ -14,7 +14,7 @@ import jobs
 import pytest
 import redis
 import rq
-from helpers import replay_once, run_worker, snapshot, wait_for
+from helpers import replay_once, snapshot, wait_for
 from orders import Base, Order
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
@@ -23,7 +23,8 @@ from spillover import Outbox, Queue, was_spilled
 from spillover.faultproxy import FaultProxy
 from spillover.lease import QueueLease
 from spillover.pusher import FENCED, LATE, Pusher
-from spillover.redis_side import bounded_client
+from spillover.redis_side import bounded_client, client_from_url
+from spillover.replayer import Replayer
 from spillover.settings import FENCE_PREFIX, LEGACY_MARKER_PREFIX, MARKER_PREFIX
 from spillover.stored_job import SpilledJob, encode_hash, new_delivery_id
 
@@ -43,10 +44,21 @@ def direct(q: Queue, tag: str, _url: str, _redis_url: str) -> None:
     assert not was_spilled(q.enqueue(jobs.record, tag, job_id="nightly"))
 
 
+def replay(url: str, redis_url: str) -> None:
+    """What `spillover-replay --once` does, in this process (the CLI is tested elsewhere)."""
+    Replayer(Outbox(url, max_backlog=0), client_from_url(redis_url, 5.0)).run_once()
+
+
+def work(redis_url: str) -> None:
+    """A real RQ worker, in this process: runs what is queued, then returns."""
+    connection = redis.Redis.from_url(redis_url)
+    rq.SimpleWorker(["nightly"], connection=connection).work(burst=True, logging_level="WARNING")
+
+
 def spilled_and_replayed(q: Queue, tag: str, url: str, redis_url: str) -> None:
     down = Queue(q.name, connection=redis.Redis(port=1), outbox=url)  # nothing listens on port 1
     assert was_spilled(down.enqueue(jobs.record, tag, job_id="nightly"))
-    replay_once(url, redis_url)
+    replay(url, redis_url)
 
 
 def transactional(q: Queue, tag: str, url: str, _redis_url: str) -> None:
@@ -66,7 +78,7 @@ def ambiguous_reply(q: Queue, tag: str, url: str, redis_url: str) -> None:
     proxy.set_mode("drop_replies")
     assert was_spilled(lossy.enqueue(jobs.record, tag, job_id="nightly"))
     proxy.close()
-    replay_once(url, redis_url)
+    replay(url, redis_url)
 
 
 PATHS: dict[str, Callable[[Queue, str, str, str], None]] = {
@@ -82,15 +94,15 @@ def test_a_reused_job_id_runs_again_whatever_path_the_first_took(first, redis_se
     client = redis_server.client()
     q = Queue("nightly", connection=client, outbox=sqlite_url)
     PATHS[first](q, "1", sqlite_url, redis_server.url)
-    run_worker(redis_server.url, "nightly")
+    work(redis_server.url)
     direct(q, "2", sqlite_url, redis_server.url)  # the next night, on the healthy path
-    run_worker(redis_server.url, "nightly")
+    work(redis_server.url)
     PATHS[first](q, "3", sqlite_url, redis_server.url)  # and again the way the first went
-    run_worker(redis_server.url, "nightly")
+    work(redis_server.url)
     transactional(q, "4", sqlite_url, redis_server.url)
-    run_worker(redis_server.url, "nightly")
+    work(redis_server.url)
     assert executed(client) == ["1", "2", "3", "4"]
-    assert Outbox(sqlite_url).pending_count() == 0
+    wait_for(lambda: Outbox(sqlite_url).pending_count() == 0, timeout=5)  # pushed at commit, deleted off its path
 
 
 @pytest.mark.parametrize("first", sorted(PATHS))
@@ -139,9 +151,10 @@ def test_a_deadline_is_in_redis_time_whatever_this_hosts_clock_says(redis_server
 def test_a_batch_with_an_older_fencing_token_writes_nothing(redis_server):
     client = redis_server.client()
     pusher = Pusher(bounded_client(client, 2.0), backstop=60, window=30)
-    old = pusher.raise_fence("tests", "fenced", 1)
-    new = pusher.raise_fence("tests", "fenced", 2)  # a new holder, before its first batch
-    assert new.token > old.token
+    old, _ = pusher.raise_fence("tests", "fenced", 1)
+    new, _ = pusher.raise_fence("tests", "fenced", 2)  # a new holder, before its first batch
+    assert old is not None and new is not None and new.token > old.token
+    assert pusher.raise_fence("tests", "fenced", 1) == (None, 2), "an older holding cannot raise it back"
     result = pusher.push("fenced", [row("stale")], fence=old)
     assert result.refusal == FENCED and client.llen("rq:queue:fenced") == 0
     assert pusher.push("fenced", [row("current")], fence=new).complete
@@ -161,8 +174,10 @@ def test_lease_epochs_and_fences_only_grow_when_leases_are_released_or_deleted(r
     for n in range(6):
         lease = QueueLease(engine, f"holder-{n % 2}", 10.0, "tests", "fenced")
         assert lease.acquire()
-        lease.fenced(pusher.raise_fence("tests", "fenced", lease.next_token()))
-        assert lease.fence is not None
+        while lease.fence is None:  # as the replayer raises it (Replayer._fence)
+            lease.fence, fence = pusher.raise_fence("tests", "fenced", lease.epoch)
+            if lease.fence is None:
+                assert lease.epoch_above(fence), "it holds the lease: it takes an epoch above the fence"
         tokens.append(lease.fence.token)
         lease.release()
         if n == 2:

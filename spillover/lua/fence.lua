@@ -1,11 +1,14 @@
--- Raise a queue's fence for its new lease holder; the token it must then carry.
+-- Raise a queue's fence to a new lease holder's epoch: from then on only its batches are taken.
 --
--- The token is above both the fence Redis has and the epoch the outbox gave the lease, so it
--- only grows, whichever of the two forgot (a lease row deleted, a Redis restarted empty).
--- ARGV: fence_key, epoch, ttl_ms (the fence outlives its holder's lease; it is re-raised
--- by every new holder).
+-- Epochs are handed out by the outbox, one per holding of the lease, each above the last. A raise
+-- at or below the fence Redis has comes from an older holding (or from epochs the outbox lost,
+-- a lease row deleted by an older release): it is refused, and the holder, if the outbox says it
+-- still holds the lease, takes an epoch above the fence there and raises again.
+-- ARGV: fence_key, epoch, ttl_ms (the fence outlives its holder's lease; a holder that finds it
+-- gone raises it again). Returns {1, epoch} when raised, {0, the fence} when refused.
 
 local current = tonumber(redis.call('GET', ARGV[1]) or '0')
-local token = math.max(current + 1, tonumber(ARGV[2]))
-redis.call('SET', ARGV[1], token, 'PX', ARGV[3])
-return token
+local epoch = tonumber(ARGV[2])
+if epoch <= current then return {0, current} end
+redis.call('SET', ARGV[1], epoch, 'PX', ARGV[3])
+return {1, epoch}

@@ -17,9 +17,10 @@
 --        scheduled_at ('' = now), job hash}
 -- and the job hash is itself the MessagePack array (field, value, ...) that the producer
 -- stored in the outbox: cmsgpack unpacks a whole batch in one C call.
--- Returns {codes, error, refusal, redis time ms}: codes has one digit per processed row
+-- Returns {codes, error, refusal, redis time ms, call}: codes has one digit per processed row
 -- (0 duplicate, 1 queued, 2 deferred, 3 scheduled); processing stops at the first failing
--- row, whose error text is the second element; refusal is '', 'LATE' or 'FENCED'.
+-- row, whose error text is the second element ('1' in call: the error is the batch's own, not
+-- a row's); refusal is '', 'LATE' or 'FENCED'.
 
 if redis.replicate_commands then redis.replicate_commands() end -- TIME before writes (Redis < 5)
 
@@ -30,8 +31,8 @@ local deadline, fence_key, fence_token = tonumber(ARGV[9]), ARGV[10], ARGV[11]
 
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-if now_ms > deadline then return {'', '', 'LATE', now_ms} end
-if fence_key ~= '' and redis.call('GET', fence_key) ~= fence_token then return {'', '', 'FENCED', now_ms} end
+if now_ms > deadline then return {'', '', 'LATE', now_ms, ''} end
+if fence_key ~= '' and redis.call('GET', fence_key) ~= fence_token then return {'', '', 'FENCED', now_ms, ''} end
 
 local rows = cmsgpack.unpack(ARGV[12])
 local codes = {}
@@ -54,12 +55,15 @@ end
 -- Whether this delivery is in Redis already. Releases before 0.4 key their marker by the job
 -- id (value '1'); this release sets that key too, holding the delivery id, for as long as its
 -- own marker lives, so that a replayer of such a release running beside it (a deploy) skips
--- the rows this release pushed, and this release skips the rows that one pushed.
+-- the rows this release pushed, and this release skips the rows that one pushed. A row with
+-- no delivery id (written by such a release, or into a table without the column) is known by
+-- its job id: '0' is this release's push of one. Even a direct write looks: its request may
+-- reach Redis after its spilled row was replayed (held in the network past the timeout).
 local function delivered(job_id, delivery)
   local legacy = redis.call('GET', legacy_prefix .. job_id)
   if delivery == '' then return legacy ~= false end
   if redis.call('EXISTS', marker_prefix .. delivery) == 1 then return true end
-  return legacy == '1' or legacy == delivery
+  return legacy == '1' or legacy == '0' or legacy == delivery
 end
 
 local function push_row(job_id, delivery, at_front, scheduled_at, fields)
@@ -115,11 +119,11 @@ end
 
 -- RQ registers the queue with every enqueue; once per batch is the same set.
 local registered, failure = pcall(write, 'SADD', queues_set, queue_key)
-if not registered then return {'', tostring(failure), '', now_ms} end
+if not registered then return {'', tostring(failure), '', now_ms, '1'} end
 
 for n, row in ipairs(rows) do
   local ok, result = pcall(push_row, row[1], row[2], row[3], row[4], row[5])
-  if not ok then return {table.concat(codes), tostring(result), '', now_ms} end
+  if not ok then return {table.concat(codes), tostring(result), '', now_ms, ''} end
   codes[n] = result
 end
-return {table.concat(codes), '', '', now_ms}
+return {table.concat(codes), '', '', now_ms, ''}
