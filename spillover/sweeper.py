@@ -37,6 +37,9 @@ class Sweeper(Generic[T]):
     def __init__(self) -> None:
         self._items: list[T] = []
         self._lock = threading.Lock()
+        # Held while a batch is being deleted: a flush at exit waits for the sweeper thread's batch in
+        # flight (a daemon thread is stopped mid-call when the interpreter exits, and its batch lost).
+        self._deleting = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         _sweepers.add(self)  # type: ignore[arg-type]
@@ -58,16 +61,17 @@ class Sweeper(Generic[T]):
     def flush(self) -> None:
         """Delete what is collected now; on an error keep it for the next try."""
         self._fork_check()
-        with self._lock:
-            taken, self._items = self._items, []
-        if not taken:
-            return
-        try:
-            self.delete(taken)
-        except Exception as exc:
-            log.debug("%s: could not delete %d item(s) yet: %r", self.name, len(taken), exc)
+        with self._deleting:
             with self._lock:
-                self._items[:0] = taken[-self.backlog_limit :]
+                taken, self._items = self._items, []
+            if not taken:
+                return
+            try:
+                self.delete(taken)
+            except Exception as exc:
+                log.debug("%s: could not delete %d item(s) yet: %r", self.name, len(taken), exc)
+                with self._lock:
+                    self._items[:0] = taken[-self.backlog_limit :]
 
     def pending(self) -> int:
         with self._lock:
@@ -86,6 +90,7 @@ class Sweeper(Generic[T]):
     def _fork_check(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's items, lock and thread are not ours
             self._pid, self._items, self._lock, self._thread = os.getpid(), [], threading.Lock(), None
+            self._deleting = threading.Lock()
 
 
 @atexit.register

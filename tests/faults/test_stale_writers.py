@@ -14,6 +14,7 @@ from checks import start_replayer, stop, wait_for
 from helpers import LEGACY_MARKER_PREFIX, MARKER_PREFIX
 from test_queue_leases import _state, assert_each_once_in_order, drained, spill_queues, start_stalling_replayer
 
+from spillover import Outbox
 from spillover.faultproxy import FaultProxy
 
 
@@ -46,6 +47,7 @@ def test_a_batch_held_in_the_network_past_its_deadline_lands_nothing(redis_serve
     stop(stalled)
     proxy.close()
     assert_each_once_in_order(client, made)
+    assert Outbox(outbox_url, max_backlog=0).dead_rows() == [], "a refused batch is not a failed attempt"
 
 
 def test_a_paused_holder_that_wakes_with_a_batch_in_hand_is_fenced_off(redis_server, outbox_url):
@@ -61,3 +63,4 @@ def test_a_paused_holder_that_wakes_with_a_batch_in_hand_is_fenced_off(redis_ser
     err = stop(stalled)
     assert "refused this replayer's fencing token" in err, err[-3000:]
     assert_each_once_in_order(client, made)
+    assert Outbox(outbox_url, max_backlog=0).dead_rows() == [], "a refused batch is not a failed attempt"
