@@ -30,8 +30,8 @@ from .errors import OutboxUnavailable
 from .health import RedisHealth
 from .markers import Settler
 from .outbox import Outbox, OutboxRow
-from .pusher import LATE, Pusher, RedisClock
-from .redis_side import bounded_client, is_outage, server_key
+from .pusher import LATE, Pusher, PushResult, RedisClock
+from .redis_side import bounded_client, server_key
 from .stored_job import SpilledJob
 
 log = logging.getLogger("spillover.queue")
@@ -119,22 +119,24 @@ class SpillLane:
         if pushed:
             self.outbox.mark_delivered([row.id for row in pushed], keep=False)
             self.server.settler.gone([(row.job_id, row.delivery) for row in pushed])
-        if result.error is not None:
-            if result.outage:
-                self.health.mark_down(result.error)
-            else:
-                log.warning(
-                    "pushing this producer's spilled rows failed, leaving them to the replayer: %r", result.error
-                )
-        elif result.refusal == LATE:
-            self.pusher.clock.forget()  # the next push asks Redis for its time again
+        if not result.complete:
+            self.push_failed(result, "this producer's spilled rows")
         return result.complete
 
+    def push_failed(self, result: PushResult, what: str) -> None:
+        """A push of this lane's rows did not complete; they stay for the replayer (or the next try)."""
+        if result.refusal == LATE:
+            self.pusher.clock.forget()  # Redis read it as late: its time is asked again before the next push
+        elif result.outage:
+            assert result.error is not None
+            self.health.mark_down(result.error)
+            self.pusher.clock.forget()  # the Redis that comes back may be another (a failover): ask its time
+        elif result.error is not None:
+            log.warning("pushing %s failed, leaving them to the replayer: %r", what, result.error)
+
     def server_failed(self, exc: redis.RedisError) -> None:
-        if is_outage(exc):
-            self.health.mark_down(exc)
-        else:
-            log.warning("redis refused a call of this producer's push: %r", exc)
+        """A call before the push (Redis's time) failed."""
+        self.push_failed(PushResult(error=exc, sent=False), "this producer's rows")
 
     def append(self, spilled: list[SpilledJob], redis_error: BaseException | None) -> None:
         """Write ``spilled`` to the outbox; OutboxUnavailable (with both errors) if that fails too."""

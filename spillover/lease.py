@@ -68,6 +68,8 @@ class QueueLease:
             ).rowcount
         if raised:
             self.epoch, self.fence = fence + 1, None
+        else:
+            self._renewed_at = -1e9  # not ours any more: the next hold() asks the outbox
         return bool(raised)
 
     def fence_refused(self) -> None:

@@ -288,7 +288,7 @@ class Outbox(OperatorQueries):
         return self._raw(lambda cursor: _fetch(cursor, sql, params), sql, write=False, single_statement=True)
 
     def present(self, ids: Sequence[int]) -> set[tuple[int, str]]:
-        """(id, job_id) of the rows among ``ids`` this connection can read: committed ones."""
+        """(id, job_id) of the rows among ``ids`` this connection can read (committed ones), still pending."""
         sql = _PRESENT_SQL[self._is_sqlite]
         params = (_id_list(ids, self._is_sqlite),)
 
@@ -504,8 +504,8 @@ def _insert_sql(rows: int, sqlite: bool, shape: RowShape) -> str:
 
 
 _PRESENT_SQL = {
-    True: "SELECT id, job_id FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?))",
-    False: "SELECT id, job_id FROM spillover_outbox WHERE id = ANY(%s)",
+    True: "SELECT id, job_id FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+    False: "SELECT id, job_id FROM spillover_outbox WHERE id = ANY(%s) AND state = 'pending'",
 }
 _DELETE_SQL = {
     True: "DELETE FROM spillover_outbox WHERE id IN (SELECT value FROM json_each(?))",

@@ -48,8 +48,6 @@ DUPLICATE, QUEUED, DEFERRED, SCHEDULED = 0, 1, 2, 3
 # Why it wrote nothing at all.
 LATE, FENCED = "LATE", "FENCED"
 
-#: A fence outlives its holder's lease by far; a holder that finds it gone raises it again.
-FENCE_TTL_MS = 24 * 3600 * 1000
 #: Seconds after which the clock asks Redis again even if no push told it the time meanwhile.
 CLOCK_RELEARN = 300.0
 
@@ -219,6 +217,7 @@ class Pusher:
             int(deadline),
             fence.key if fence else "",
             fence.token if fence else "",
+            self.window_ms,
             pack_rows(rows),
         ]
         return self._send(args)
@@ -256,7 +255,7 @@ class Pusher:
         an older holding's raise, refused.
         """
         key = f"{FENCE_PREFIX}{name}:{queue}"
-        raised, token = self._fence(key, epoch, FENCE_TTL_MS)
+        raised, token = self._fence(key, epoch, self.backstop_ms)
         return (Fence(key, int(token)) if raised else None), int(token)
 
 
@@ -286,7 +285,7 @@ class PendingPush:
             try:
                 self.pusher.load()
             except redis.RedisError as exc:
-                return PushResult(error=exc)
+                return PushResult(error=exc, sent=False)  # NOSCRIPT: nothing ran
             return self.pusher._send(self.args).result()
         except redis.RedisError as exc:
             conn.disconnect()

@@ -217,6 +217,7 @@ class Queue(rq.Queue):
             raise result.error
         # Rows written before the failing one have their markers: spilled again, they are skipped on replay.
         self.health.mark_down(result.error)
+        self._pusher.clock.forget()  # the Redis that comes back may be another (a failover): ask its time
         return _Failed(result.error, result.ambiguous)
 
     # -- building what the outbox stores -------------------------------------------

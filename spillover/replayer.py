@@ -469,6 +469,7 @@ class Replayer:
             log.info("redis healthy; replaying")
         elif not up and self._redis_up is not False:
             log.warning("redis unavailable (%s); waiting for it", reason)
+            self.pusher.clock.forget()  # the Redis that comes back may be another (a failover): ask its time
         self._redis_up = up
 
     def _purge_retained(self) -> None:

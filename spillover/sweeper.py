@@ -54,9 +54,10 @@ class Sweeper(Generic[T]):
         self._fork_check()
         with self._lock:
             self._items.extend(items)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._sweep, name=self.name, daemon=True)
-                self._thread.start()
+            if _exiting or (self._thread is not None and self._thread.is_alive()):
+                return  # at exit, _flush_all takes them
+            self._thread = threading.Thread(target=self._sweep, name=self.name, daemon=True)
+            self._thread.start()
 
     def flush(self) -> None:
         """Delete what is collected now; on an error keep it for the next try."""
@@ -93,9 +94,21 @@ class Sweeper(Generic[T]):
             self._deleting = threading.Lock()
 
 
+_exiting = False
+
+
 @atexit.register
 def _flush_all() -> None:
-    """An exiting process leaves nothing it could have deleted behind."""
-    for sweeper in list(_sweepers):
-        if sweeper._pid == os.getpid():
+    """An exiting process leaves nothing it could have deleted behind.
+
+    A few passes: deleting one sweeper's items may hand items to another (deleted outbox rows
+    hand their markers to be settled).
+    """
+    global _exiting
+    _exiting = True
+    for _ in range(3):
+        mine = [sweeper for sweeper in list(_sweepers) if sweeper._pid == os.getpid()]
+        if not any(sweeper.pending() for sweeper in mine):
+            return
+        for sweeper in mine:
             sweeper.flush()

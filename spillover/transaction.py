@@ -40,7 +40,6 @@ from .errors import ConfigurationError, NotInTransaction, OutboxNotMigrated
 from .lanes import SpillLane
 from .markers import Settler
 from .outbox import Outbox, is_missing_table, producer_id
-from .pusher import LATE
 from .schema import outbox as outbox_table
 from .stored_job import SpilledJob
 from .sweeper import Sweeper
@@ -369,14 +368,9 @@ def _push(items: list[_Written], read_at: float | None) -> None:
         if result.complete:
             return
         lane.spilling = True
-        if result.refusal == LATE:
-            lane.pusher.clock.forget()
-        elif result.outage:
-            lane.health.mark_down(result.error)  # type: ignore[arg-type]
-            if result.ambiguous:
-                _mark_ambiguous(lane.outbox, [item.row_id for item in items])
-        else:
-            log.warning("pushing committed jobs failed, leaving them to the replayer: %r", result.error)
+        lane.push_failed(result, "committed jobs")
+        if result.outage and result.ambiguous:
+            _mark_ambiguous(lane.outbox, [item.row_id for item in items])
 
 
 def _mark_ambiguous(outbox: Outbox, ids: list[int]) -> None:

@@ -161,6 +161,18 @@ def test_a_batch_with_an_older_fencing_token_writes_nothing(redis_server):
     assert client.lrange("rq:queue:fenced", 0, -1) == [b"current"]
 
 
+def test_a_job_id_key_of_an_older_release_hides_only_a_push_of_the_same_moment(redis_server):
+    """0.3 keys its marker by job id ('1'): a push of that row a moment ago is this one; an older one is an
+    earlier enqueue of the same id, which must not hide a new one."""
+    client = redis_server.client()
+    pusher = Pusher(bounded_client(client, 2.0), backstop=3600, window=5)
+    client.set(LEGACY_MARKER_PREFIX + "earlier", "1", px=3_600_000 - 60_000)  # pushed by 0.3 a minute ago
+    assert pusher.push("fenced", [row("earlier")]).codes == [1], "a new enqueue of the id: written"
+    client.set(LEGACY_MARKER_PREFIX + "racing", "1", px=3_600_000)  # a 0.3 replayer pushed this row just now
+    assert pusher.push("fenced", [row("racing")]).codes == [0], "the same row: skipped"
+    assert client.lrange("rq:queue:fenced", 0, -1) == [b"earlier"]
+
+
 def test_lease_epochs_and_fences_only_grow_when_leases_are_released_or_deleted(redis_server, sqlite_url):
     from sqlalchemy import delete
 

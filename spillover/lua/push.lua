@@ -11,7 +11,7 @@
 --
 -- ARGV: queue_key, queues_set, job_prefix, scheduled_key, deferred_key,
 --       marker_prefix, legacy_prefix, backstop_ms, deadline_ms, fence_key ('' = none),
---       fence_token, rows.
+--       fence_token, window_ms, rows.
 -- rows is one MessagePack array with, per row, the array
 --       {job_id, delivery ('' = a row of a release before 0.4), at_front (0/1),
 --        scheduled_at ('' = now), job hash}
@@ -28,13 +28,16 @@ local queue_key, queues_set, job_prefix = ARGV[1], ARGV[2], ARGV[3]
 local scheduled_key, deferred_key = ARGV[4], ARGV[5]
 local marker_prefix, legacy_prefix, backstop = ARGV[6], ARGV[7], ARGV[8]
 local deadline, fence_key, fence_token = tonumber(ARGV[9]), ARGV[10], ARGV[11]
+local window = tonumber(ARGV[12])
 
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if now_ms > deadline then return {'', '', 'LATE', now_ms, ''} end
 if fence_key ~= '' and redis.call('GET', fence_key) ~= fence_token then return {'', '', 'FENCED', now_ms, ''} end
 
-local rows = cmsgpack.unpack(ARGV[12])
+if fence_key ~= '' then redis.call('PEXPIRE', fence_key, backstop) end -- lives while its holder pushes
+
+local rows = cmsgpack.unpack(ARGV[13])
 local codes = {}
 
 local function write(...)
@@ -57,13 +60,19 @@ end
 -- own marker lives, so that a replayer of such a release running beside it (a deploy) skips
 -- the rows this release pushed, and this release skips the rows that one pushed. A row with
 -- no delivery id (written by such a release, or into a table without the column) is known by
--- its job id: '0' is this release's push of one. Even a direct write looks: its request may
--- reach Redis after its spilled row was replayed (held in the network past the timeout).
+-- its job id: '0' is this release's push of one. Such a key ('1' or '0') stands for this
+-- delivery only if it was set within the last window (the same row pushed by another reader
+-- moments ago, or this delivery's spilled row, stored without its id, replayed before this
+-- late request): an older one is an earlier enqueue of the same job id, which must not hide
+-- this one. Even a direct write looks: its request may reach Redis after its spilled row
+-- was replayed (held in the network past the timeout).
 local function delivered(job_id, delivery)
-  local legacy = redis.call('GET', legacy_prefix .. job_id)
+  local key = legacy_prefix .. job_id
+  local legacy = redis.call('GET', key)
   if delivery == '' then return legacy ~= false end
-  if redis.call('EXISTS', marker_prefix .. delivery) == 1 then return true end
-  return legacy == '1' or legacy == '0' or legacy == delivery
+  if redis.call('EXISTS', marker_prefix .. delivery) == 1 or legacy == delivery then return true end
+  if legacy ~= '1' and legacy ~= '0' then return false end
+  return tonumber(backstop) - redis.call('PTTL', key) < window
 end
 
 local function push_row(job_id, delivery, at_front, scheduled_at, fields)
