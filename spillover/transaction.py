@@ -299,7 +299,8 @@ def push_committed(written: list[_Written]) -> None:
     """
     # Redis's time before the rows are read back: each push's deadline counts from it (a replayer
     # may read, push and delete the same rows meanwhile; their markers outlive this deadline).
-    read_at = {id(item.lane): _redis_time(item.lane) for item in written}
+    lanes_written = {id(item.lane): item.lane for item in written}
+    read_at = {lane_id: _redis_time(lane) for lane_id, lane in lanes_written.items()}
     try:
         committed = _committed(written)
     except Exception as exc:  # the outbox database cannot say which rows committed
