@@ -190,10 +190,6 @@ class Outbox(OperatorQueries):
             self._shape_read_at = time.monotonic()
         return self._shape
 
-    def writes_target(self) -> bool:
-        """Whether rows can name their Redis (schema 0002 and later)."""
-        return self.shape().target
-
     def _has_column(self, column: str) -> bool:
         # The column by name, not SELECT *: Postgres refuses a prepared SELECT * whose columns
         # changed ("cached plan must not change result type"), and psycopg prepares repeated queries.
