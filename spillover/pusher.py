@@ -229,7 +229,7 @@ class Pusher:
         except redis.RedisError as exc:
             return PendingPush(self, None, args, PushResult(error=exc, sent=False))
         try:
-            conn.send_command("EVALSHA", self._push.sha, 0, *args)
+            conn.send_packed_command([resp_command(b"EVALSHA", self._push.sha, 0, *args)])
         except redis.RedisError as exc:
             conn.disconnect()
             pool.release(conn)
@@ -304,6 +304,16 @@ class PendingPush:
         if failure is None:
             return PushResult(codes)
         return PushResult(codes, ResponseError(failure), row_error=reply[4] != b"1")
+
+
+def resp_command(*args: bytes | str | int) -> bytes:
+    """A command as the Redis protocol sends it: what redis-py's packer makes of these arguments, built
+    directly (its general packer is a tenth of a healthy enqueue's time, measured)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg.encode() if isinstance(arg, str) else (b"%d" % arg if isinstance(arg, int) else arg)
+        parts += [b"$%d\r\n" % len(raw), raw, b"\r\n"]
+    return b"".join(parts)
 
 
 def pack_rows(rows: Sequence[PushItem]) -> bytes:

@@ -84,8 +84,14 @@ def encode_hash(mapping: dict[str, Any]) -> bytes:
     one ``cmsgpack.unpack`` call: the replayer passes the stored bytes through untouched.
     """
     parts = [msgpack_array_header(2 * len(mapping))]
+    append, header = parts.append, _TYPE_AND_LENGTH.pack  # the healthy path's hot loop: no copies, no calls
     for field, value in mapping.items():
-        parts += [msgpack_str(field.encode()), msgpack_str(encode_value(value))]
+        key = field.encode()
+        raw = value.encode() if type(value) is str else encode_value(value)
+        append(header(0xDB, len(key)))
+        append(key)
+        append(header(0xDB, len(raw)))
+        append(raw)
     return b"".join(parts)
 
 
