@@ -75,7 +75,6 @@ class SpillLane:
     target: str
     queue: str
     spilling: bool = False
-    last_row_id: int = 0
     checked_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -141,7 +140,7 @@ class SpillLane:
     def append(self, spilled: list[SpilledJob], redis_error: BaseException | None) -> None:
         """Write ``spilled`` to the outbox; OutboxUnavailable (with both errors) if that fails too."""
         try:
-            ids = self.outbox.append(spilled)
+            self.outbox.append(spilled)
         except SQLAlchemyError as exc:
             if exc.__context__ is None:
                 exc.__context__ = redis_error
@@ -150,7 +149,6 @@ class SpillLane:
                 redis_error=redis_error,
                 outbox_error=exc,
             ) from exc
-        self.last_row_id = max(self.last_row_id, *ids)
 
 
 # -- shared per process -----------------------------------------------------------------

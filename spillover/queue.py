@@ -215,17 +215,15 @@ class Queue(rq.Queue):
                 setattr(job, "spilled", False)  # noqa: B010
             self._server.settler.confirmed(done)  # the reply came back: nobody will look for these markers
             return None
-        if result.refusal is not None:  # Redis wrote nothing: it read the request as later than its deadline
-            self._pusher.clock.forget()
-            return _Failed(redis.TimeoutError(f"redis refused the write as {result.refusal.lower()}"), False)
+        if result.refusal is not None or result.outage:
+            # Redis did not take them: the breaker and the clock as for any push of this lane. Rows written
+            # before a failing one have their markers: spilled again, they are skipped on replay.
+            self._lane.push_failed(result, "jobs")
+            refused = redis.TimeoutError(f"redis refused the write as {str(result.refusal).lower()}")
+            return _Failed(result.error or refused, result.ambiguous)
         assert result.error is not None
-        if not result.outage:
-            self._server.settler.confirmed(done)  # written before the failing job; they stay, as in RQ
-            raise result.error
-        # Rows written before the failing one have their markers: spilled again, they are skipped on replay.
-        self.health.mark_down(result.error)
-        self._pusher.clock.forget()  # the Redis that comes back may be another (a failover): ask its time
-        return _Failed(result.error, result.ambiguous)
+        self._server.settler.confirmed(done)  # written before the failing job; they stay, as in RQ
+        raise result.error
 
     # -- building what the outbox stores -------------------------------------------
 
