@@ -23,6 +23,7 @@ from .redis_side import redis_from_url
 __version__ = "0.4.0"
 
 if TYPE_CHECKING:
+    from .groups import Group
     from .queue import Queue, was_spilled
     from .transaction import TransactionalQueue
 
@@ -33,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from . import queue
 
         return getattr(queue, name)
+    if name == "Group":
+        from . import groups
+
+        return groups.Group
     if name == "TransactionalQueue":
         from . import transaction
 
@@ -43,6 +48,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BacklogFull",
     "ConfigurationError",
+    "Group",
     "NotInTransaction",
     "Outbox",
     "OutboxError",

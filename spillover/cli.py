@@ -302,7 +302,13 @@ def replay_main(
         log.info("serving /metrics, /healthz, /readyz on port %d", metrics_port)
     if once:
         stats = replayer.run_once()
-        log.info("done: %d replayed, %d duplicates skipped, %d dead", stats.replayed, stats.duplicates, stats.dead)
+        log.info(
+            "done: %d replayed, %d duplicates skipped, %d unique skipped, %d dead",
+            stats.replayed,
+            stats.duplicates,
+            stats.skipped,
+            stats.dead,
+        )
         return
     replayer.run()
 
@@ -396,11 +402,12 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
             f"UNCLAIMED: {u.rows} pending row(s) of target {name}{host} in {', '.join(u.queues)} "
             f"(oldest {u.oldest_seconds:.0f} s): no running replayer drains them; start {setting_for(u.group)}"
         )
-    click.echo(f"{'target':<22} {'queue':<20} {'pending':>9} {'oldest (s)':>11} {'dead':>6}  drained by")
+    click.echo(f"{'target':<22} {'queue':<20} {'pending':>9} {'oldest (s)':>11} {'dead':>6} {'skipped':>8}  drained by")
     for entry in queues:
         oldest = "-" if entry["oldest_age_s"] is None else f"{entry['oldest_age_s']:.1f}"
         target_name = entry["target"] or "(no target)"
         row = f"{target_name:<22} {entry['queue']:<20} {entry['pending']:>9} {oldest:>11} {entry['dead']:>6}"
+        row += f" {entry['skipped']:>8}"
         click.echo(f"{row}  {entry['drainer'] or '-'}")
 
 

@@ -32,7 +32,7 @@ from .outbox import Outbox
 from .queue import Queue, was_spilled
 from .redis_side import client_from_url, resolve_target
 from .replayer import ReplayConfig, Replayer
-from .settings import MARKER_PREFIX
+from .rq_keys import KeyLayout, environment_prefix
 from .stored_job import delivery_prefix
 
 
@@ -142,6 +142,8 @@ def run_drill(
         progress("replay", stats.replayed)
 
         worker_conn = redis.Redis.from_url(redis_url)
+        # RQ 3's workers take a maintenance lock of their own (it expires); the drill leaves none it made
+        made = [key for key in _maintenance_keys(queue.key_layout) if not worker_conn.exists(key)]
         worker = SimpleWorker([queue_name], name=queue_name, connection=worker_conn)
         worker.work(burst=True, logging_level="WARNING")
         executed = [int(x) for x in worker_conn.lrange(f"spillover:drill:{run}:executed", 0, -1)]
@@ -150,22 +152,28 @@ def run_drill(
         report.executed_twice = len(executed) - len(set(executed))
         report.missing = len(set(range(jobs)) - set(executed))
         report.order_kept = executed == sorted(executed)
+        if made:
+            worker_conn.delete(*made)
     finally:
         proxy.close()
-        leave_nothing_behind(redis.Redis.from_url(redis_url), run, queue_name)
+        leave_nothing_behind(redis.Redis.from_url(redis_url), run, queue_name, KeyLayout(environment_prefix()))
     return report
 
 
-def leave_nothing_behind(conn: redis.Redis, run: str, queue_name: str) -> None:
+def _maintenance_keys(layout: KeyLayout) -> list[str]:
+    return [f"{layout.prefix}:clean_groups"]
+
+
+def leave_nothing_behind(conn: redis.Redis, run: str, queue_name: str, layout: KeyLayout) -> None:
     """Remove every key the drill made (jobs, results, markers, registries, its worker, its queue)."""
     with contextlib.suppress(redis.RedisError):
-        mine = MARKER_PREFIX + delivery_prefix() + "*"  # the markers of this process's deliveries
+        mine = layout.marker_prefix + delivery_prefix() + "*"  # the markers of this process's deliveries
         for pattern in (f"*{queue_name}*", f"*drill-{run}-*", f"spillover:drill:{run}:*", mine):
             keys = list(conn.scan_iter(match=pattern, count=1000))
             if keys:
                 conn.delete(*keys)
-        conn.srem("rq:queues", f"rq:queue:{queue_name}")
-        conn.srem("rq:workers", f"rq:worker:{queue_name}")
+        conn.srem(layout.queues, layout.queue(queue_name))
+        conn.srem(f"{layout.prefix}:workers", f"{layout.prefix}:worker:{queue_name}")
 
 
 def format_report(report: DrillReport) -> str:

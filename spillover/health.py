@@ -15,6 +15,7 @@ import time
 import redis
 
 from .redis_side import is_outage, probe_write
+from .rq_keys import DEFAULT_LAYOUT
 
 log = logging.getLogger("spillover.health")
 
@@ -22,8 +23,9 @@ log = logging.getLogger("spillover.health")
 class RedisHealth:
     """The up/down state of one Redis server, shared by the queues that use it."""
 
-    def __init__(self, client: redis.Redis, probe_interval: float) -> None:
+    def __init__(self, client: redis.Redis, probe_interval: float, probe_key: str = DEFAULT_LAYOUT.probe) -> None:
         self.client = client
+        self.probe_key = probe_key
         self.probe_interval = probe_interval
         self._down_since: float | None = None
         self._last_error: BaseException | None = None
@@ -55,7 +57,7 @@ class RedisHealth:
         while True:
             time.sleep(self.probe_interval)
             try:
-                probe_write(self.client)
+                probe_write(self.client, self.probe_key)
             except redis.RedisError as exc:
                 if not is_outage(exc):
                     log.error("redis probe failed with a non-outage error: %r", exc)

@@ -32,6 +32,7 @@ from .markers import Settler
 from .outbox import Outbox, OutboxRow
 from .pusher import LATE, Pusher, PushResult, RedisClock
 from .redis_side import bounded_client, server_key
+from .rq_keys import KeyLayout
 from .stored_job import SpilledJob
 
 log = logging.getLogger("spillover.queue")
@@ -48,21 +49,32 @@ OutboxLike = Outbox | Engine | str | None
 class Server:
     """One Redis server as a producer process sees it: bounded client, breaker, clock, settler."""
 
-    def __init__(self, client: redis.Redis, probe_interval: float) -> None:
+    def __init__(self, client: redis.Redis, probe_interval: float, layout: KeyLayout) -> None:
         self.client = client
-        self.health = RedisHealth(client, probe_interval)
+        # The probe writes under the key prefix of the first queue on this server (one cluster slot).
+        self.health = RedisHealth(client, probe_interval, probe_key=layout.probe)
         self.clock = RedisClock(client)
         self.version: tuple[int, int, int] | None = None
-        self._pushers: dict[int, Pusher] = {}
-        self.settler = Settler(self.pusher(settings.marker_ttl()))
+        self._pushers: dict[tuple[int, KeyLayout], Pusher] = {}
+        self._settlers: dict[KeyLayout, Settler] = {}
 
-    def pusher(self, backstop: int) -> Pusher:
-        """The pusher for markers with this backstop (seconds), on this server's client and clock."""
-        found = self._pushers.get(backstop)
+    def pusher(self, backstop: int, layout: KeyLayout) -> Pusher:
+        """The pusher for markers with this backstop (seconds) and keys, on this server's client and clock."""
+        found = self._pushers.get((backstop, layout))
         if found is None:
-            found = Pusher(self.client, backstop=backstop, window=settings.delivery_window(), clock=self.clock)
-            self._pushers[backstop] = found
+            found = Pusher(
+                self.client, backstop=backstop, window=settings.delivery_window(), clock=self.clock, layout=layout
+            )
+            self._pushers[backstop, layout] = found
         return found
+
+    def settler(self, layout: KeyLayout) -> Settler:
+        """The settler of the markers under ``layout``'s prefix on this server (one thread each)."""
+        with lock:
+            found = self._settlers.get(layout)
+            if found is None:
+                found = self._settlers[layout] = Settler(self.pusher(settings.marker_ttl(), layout))
+            return found
 
 
 @dataclass
@@ -114,10 +126,10 @@ class SpillLane:
     def push_own(self, rows: list[OutboxRow], read_at: float) -> bool:
         """Push this producer's remaining rows into RQ and remove them; False if any is left."""
         result = self.pusher.push(self.queue, rows, read_at=read_at)
-        pushed = rows[: len(result.codes)]
+        pushed = self.outbox.mark_skipped(rows, result.codes)  # less unique ones whose id Redis had
         if pushed:
             self.outbox.mark_delivered([row.id for row in pushed], keep=False)
-            self.server.settler.gone([(row.job_id, row.delivery) for row in pushed])
+            self.server.settler(self.pusher.layout).gone([(row.job_id, row.delivery) for row in pushed])
         if not result.complete:
             self.push_failed(result, "this producer's spilled rows")
         return result.complete
@@ -171,13 +183,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def server_for(connection: redis.Redis, timeout: float, probe_interval: float) -> Server:
+def server_for(connection: redis.Redis, timeout: float, probe_interval: float, layout: KeyLayout) -> Server:
     """One bounded client, breaker and clock per Redis server, shared by every Queue of the process."""
     key = (*server_key(connection), timeout)
     with lock:
         server = _servers.get(key)
         if server is None:
-            server = _servers[key] = Server(bounded_client(connection, timeout), probe_interval)
+            server = _servers[key] = Server(bounded_client(connection, timeout), probe_interval, layout)
         return server
 
 

@@ -39,6 +39,11 @@ DUPLICATES = Counter(
     "spillover_duplicates_suppressed", "Outbox rows found already in Redis by their marker.", ["queue"]
 )
 KILLED = Counter("spillover_dead_marked", "Outbox rows the replayer gave up on.", ["queue"])
+UNIQUE_SKIPPED = Counter(
+    "spillover_unique_skipped",
+    "unique=True outbox rows not enqueued because their job id was in Redis at replay (kept as skipped rows).",
+    ["queue"],
+)
 REFUSED = Counter(
     "spillover_pushes_refused",
     "Pushes Redis refused whole: after their deadline, or from an older lease holder.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 import weakref
@@ -18,11 +19,12 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from . import settings
+from . import metrics, settings
 from .errors import BacklogFull, OutboxNotMigrated
 from .outbox_admin import OperatorQueries
 from .outbox_engine import create_outbox_engine, dispose_in_child, is_missing_table, producer_id
-from .schema import DEAD, DONE, PENDING, outbox, queue_lease, replayer_registry
+from .pusher import EXISTS
+from .schema import DEAD, DONE, PENDING, SKIPPED, outbox, queue_lease, replayer_registry
 from .stored_job import SpilledJob
 
 __all__ = ["Outbox", "OutboxRow", "create_outbox_engine", "is_missing_table", "producer_id"]
@@ -33,6 +35,12 @@ T = TypeVar("T")
 
 #: Pending rows of one target and queue, and producer host where asked: (target, queue, host or "", rows).
 PendingGroup = tuple[str | None, str, str, int]
+
+
+log = logging.getLogger("spillover.outbox")
+
+#: Why a skipped row was not enqueued (its last_error).
+UNIQUE_SKIPPED_REASON = "unique=True: a job with this id was already in redis when it was pushed; not enqueued"
 
 
 class OutboxRow(NamedTuple):
@@ -47,6 +55,7 @@ class OutboxRow(NamedTuple):
     scheduled_at: int | None
     ambiguous: bool
     attempts: int
+    options: str | None
     age_seconds: float
 
 
@@ -104,7 +113,7 @@ class Outbox(OperatorQueries):
         was never migrated (or is behind) is named as such instead of failing later.
         """
         checks = {
-            outbox.name: select(outbox.c.target, outbox.c.delivery).limit(0),
+            outbox.name: select(outbox.c.target, outbox.c.delivery, outbox.c.options).limit(0),
             queue_lease.name: select(queue_lease.c.holder, queue_lease.c.epoch).limit(0),
             replayer_registry.name: select(replayer_registry.c.claims).limit(0),
         }
@@ -137,6 +146,7 @@ class Outbox(OperatorQueries):
             (
                 job.target,
                 job.delivery,
+                job.options,
                 job.queue,
                 job.job_id,
                 job.job_hash,
@@ -158,6 +168,10 @@ class Outbox(OperatorQueries):
     def _insert(self, rows: list[tuple[Any, ...]]) -> list[int]:
         shape = self.shape()
         if shape != FULL_SHAPE:
+            if not shape.options and any(row[2] is not None for row in rows):
+                raise OutboxNotMigrated(
+                    "spillover_outbox", "the outbox has no options column for this job's RQ options (unique, group)"
+                )
             rows = [shape.pick(row) for row in rows]
         sql = _insert_sql(1 if self._is_sqlite else len(rows), self._is_sqlite, shape)
 
@@ -177,7 +191,8 @@ class Outbox(OperatorQueries):
         return self._raw(insert_at_once, sql, single_statement=True)
 
     def shape(self) -> RowShape:
-        """Which of the columns later migrations added the table has: ``target`` (0002), ``delivery`` (0004).
+        """Which of the columns later migrations added the table has: ``target`` (0002), ``delivery`` (0004),
+        ``options`` (0005).
 
         A producer of this release may start before the deploy's migration has run: until then
         it writes the row shape the table has, and the outbox's replayer drains those rows as
@@ -186,7 +201,7 @@ class Outbox(OperatorQueries):
         """
         stale = self._shape != FULL_SHAPE and time.monotonic() - self._shape_read_at > SHAPE_RECHECK_INTERVAL
         if self._shape is None or stale:
-            self._shape = RowShape(self._has_column("target"), self._has_column("delivery"))
+            self._shape = RowShape(*(self._has_column(name) for name in RowShape._fields))
             self._shape_read_at = time.monotonic()
         return self._shape
 
@@ -387,6 +402,29 @@ class Outbox(OperatorQueries):
                 conn.execute(update(outbox).where(outbox.c.id == row_id).values(state=DEAD))
         return dead
 
+    def mark_skipped(self, rows: Sequence[OutboxRow], codes: Sequence[int]) -> list[OutboxRow]:
+        """Of pushed ``rows`` (with the push's ``codes``), keep the unique=True ones whose job id Redis had
+        as ``skipped`` (with why: ``status`` shows them, purged after a while); return the others."""
+        skipped = [row for row, code in zip(rows, codes, strict=False) if code == EXISTS]
+        if not skipped:
+            return list(rows[: len(codes)])
+        with self._transaction() as conn:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.id.in_([row.id for row in skipped]))
+                .values(state=SKIPPED, last_error=UNIQUE_SKIPPED_REASON, updated_at=func.now())
+            )
+        queue = skipped[0].queue
+        metrics.UNIQUE_SKIPPED.labels(queue).inc(len(skipped))
+        log.warning(
+            "queue %s: %d unique job(s) already in redis, not enqueued (kept as skipped rows): %s",
+            queue,
+            len(skipped),
+            ", ".join(row.job_id for row in skipped[:10]),
+        )
+        gone = {row.id for row in skipped}
+        return [row for row in rows[: len(codes)] if row.id not in gone]
+
     def mark_dead(self, row_id: int, error: str) -> None:
         with self._transaction() as conn:
             conn.execute(
@@ -395,10 +433,11 @@ class Outbox(OperatorQueries):
                 .values(state=DEAD, last_error=error[:2000], updated_at=func.now())
             )
 
-    def purge_done(self, older_than_seconds: float) -> int:
+    def purge_done(self, older_than_seconds: float, state: str = DONE) -> int:
+        """Delete rows kept as ``state`` (done: replayed; skipped: unique, id in Redis) for longer than that."""
         cutoff = _seconds_ago(self.engine, older_than_seconds)
         with self._transaction() as conn:
-            result = conn.execute(delete(outbox).where(outbox.c.state == DONE, outbox.c.updated_at < cutoff))
+            result = conn.execute(delete(outbox).where(outbox.c.state == state, outbox.c.updated_at < cutoff))
             return result.rowcount or 0
 
 
@@ -410,16 +449,18 @@ def _seconds_ago(engine: Engine, seconds: float) -> Any:
 
 # The replay hot path in each dialect's own SQL: an id list is one parameter (a JSON
 # array for SQLite, an array for Postgres) instead of one bound parameter per id.
-_COLUMNS = "id, queue, job_id, {delivery}, job_hash, at_front, scheduled_at, ambiguous, attempts"
+_COLUMNS = "id, queue, job_id, {delivery}, job_hash, at_front, scheduled_at, ambiguous, attempts, {options}"
 _AGE = {
     True: "(julianday('now') - julianday(created_at)) * 86400.0",
     False: "extract(epoch from now() - created_at)::float8",
 }
 
 
-def _select_rows(sqlite: bool, delivery: bool = True) -> str:
+def _select_rows(sqlite: bool, delivery: bool = True, options: bool = True) -> str:
     """Pending rows as OutboxRow reads them: its columns and the row's age, by the database's clock."""
-    columns = _COLUMNS.format(delivery="delivery" if delivery else "NULL AS delivery")
+    columns = _COLUMNS.format(
+        delivery="delivery" if delivery else "NULL AS delivery", options="options" if options else "NULL AS options"
+    )
     return f"SELECT {columns}, {_AGE[sqlite]} FROM spillover_outbox "
 
 
@@ -428,17 +469,18 @@ class RowShape(NamedTuple):
 
     target: bool = False
     delivery: bool = False
+    options: bool = False
 
     def pick(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
-        """An insert row (target, delivery, the rest ...) without the columns the table lacks."""
-        keep = (self.target, self.delivery)
-        return tuple(value for n, value in enumerate(row) if n > 1 or keep[n])
+        """An insert row (target, delivery, options, the rest ...) without the columns the table lacks."""
+        keep = (self.target, self.delivery, self.options)
+        return tuple(value for n, value in enumerate(row) if n > 2 or keep[n])
 
     def insert_columns(self) -> tuple[str, ...]:
         return self.pick(_INSERT_COLUMNS)
 
 
-FULL_SHAPE = RowShape(target=True, delivery=True)
+FULL_SHAPE = RowShape(target=True, delivery=True, options=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -471,12 +513,13 @@ def _own_sql(sqlite: bool, shape: RowShape) -> str:
     mark = "?" if sqlite else "%s"
     target = f"AND (target = {mark} OR target IS NULL) " if shape.target else ""
     where = f"WHERE producer = {mark} AND state = 'pending' {target}AND queue = {mark} ORDER BY id LIMIT {mark}"
-    return _select_rows(sqlite, shape.delivery) + where
+    return _select_rows(sqlite, shape.delivery, shape.options) + where
 
 
 _INSERT_COLUMNS = (
     "target",
     "delivery",
+    "options",
     "queue",
     "job_id",
     "job_hash",

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
 
-from .schema import DEAD, PENDING, outbox
+from .schema import DEAD, PENDING, SKIPPED, outbox
 
 
 class OperatorQueries:
@@ -36,7 +36,7 @@ class OperatorQueries:
         return found
 
     def queue_stats(self) -> list[dict[str, Any]]:
-        """Per target and queue: pending rows, age of the oldest pending row (s), dead rows."""
+        """Per target and queue: pending rows, age of the oldest pending row (s), dead rows, skipped unique rows."""
         age = func.max(_age_seconds(self.engine))
         query = select(outbox.c.target, outbox.c.queue, outbox.c.state, func.count(), age).group_by(
             outbox.c.target, outbox.c.queue, outbox.c.state
@@ -44,13 +44,15 @@ class OperatorQueries:
         stats: dict[tuple[str, str], dict[str, Any]] = {}
         with self._transaction(read_only=True) as conn:
             for target, queue, state, count, oldest in conn.execute(query):
-                empty = {"target": target, "queue": queue, "pending": 0, "oldest_age_s": None, "dead": 0}
+                empty = {"target": target, "queue": queue, "pending": 0, "oldest_age_s": None, "dead": 0, "skipped": 0}
                 entry = stats.setdefault((target, queue), empty)
                 if state == PENDING:
                     entry["pending"] = int(count)
                     entry["oldest_age_s"] = round(float(oldest), 1)
                 elif state == DEAD:
                     entry["dead"] = int(count)
+                elif state == SKIPPED:
+                    entry["skipped"] = int(count)
         return [stats[key] for key in sorted(stats, key=lambda key: (key[0] or "", key[1]))]
 
     def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import resources
 from typing import Any, Protocol
 
@@ -32,19 +33,13 @@ import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from .redis_side import is_ambiguous, is_outage
-from .settings import FENCE_PREFIX, LEGACY_MARKER_PREFIX, MARKER_PREFIX
+from .rq_keys import DEFAULT_LAYOUT, KeyLayout
 from .stored_job import msgpack_array_header, msgpack_str
 
-# RQ's key names (rq 2.x; tests/test_redis_side.py checks them against rq). Spelled out here
-# so the replayer does not import rq at all: it never needs RQ's code, only its key layout.
-RQ_QUEUE_PREFIX = "rq:queue:"
-RQ_QUEUES_KEY = "rq:queues"
-RQ_JOB_PREFIX = "rq:job:"
-RQ_SCHEDULED_KEY = "rq:scheduled:{0}"
-RQ_DEFERRED_KEY = "rq:deferred:{0}"
-
-# What the push script says it did with each row.
-DUPLICATE, QUEUED, DEFERRED, SCHEDULED = 0, 1, 2, 3
+# What the push script says it did with each row: DUPLICATE, its delivery is in Redis already;
+# EXISTS, a unique=True job whose id Redis has (nothing written); RATE_LIMITED, waiting for a
+# slot of its rate limit (RQ 3).
+DUPLICATE, QUEUED, DEFERRED, SCHEDULED, EXISTS, RATE_LIMITED = 0, 1, 2, 3, 4, 5
 # Why it wrote nothing at all.
 LATE, FENCED = "LATE", "FENCED"
 
@@ -70,6 +65,8 @@ class PushItem(Protocol):
     def at_front(self) -> bool: ...
     @property
     def scheduled_at(self) -> int | None: ...
+    @property
+    def options(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -154,19 +151,29 @@ class _Script:
     def load(self) -> None:
         self.client.script_load(self.source)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, key: str, *args: Any) -> Any:
+        """Run with ``key`` declared (a cluster client routes the call to its slot's node)."""
         try:
-            return self.client.evalsha(self.sha, 0, *args)
+            return self.client.evalsha(self.sha, 1, key, *args)
         except NoScriptError:  # a new or restarted Redis: it ran nothing; load, run again
             self.load()
-            return self.client.evalsha(self.sha, 0, *args)
+            return self.client.evalsha(self.sha, 1, key, *args)
 
 
 class Pusher:
     """The push, settle and fence scripts on one (bounded) client of one Redis server."""
 
-    def __init__(self, client: redis.Redis, *, backstop: float, window: float, clock: RedisClock | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        backstop: float,
+        window: float,
+        clock: RedisClock | None = None,
+        layout: KeyLayout = DEFAULT_LAYOUT,
+    ) -> None:
         self.client = client
+        self.layout = layout
         self.clock = clock or RedisClock(client)
         self.backstop_ms = max(1, int(backstop * 1000))
         self.window_ms = max(1, int(window * 1000))
@@ -205,19 +212,27 @@ class Pusher:
             deadline = (self.clock.now_ms() if read_at is None else read_at) + self.window_ms
         except redis.RedisError as exc:
             return PendingPush(self, None, [], PushResult(error=exc, sent=False))
+        keys = self.layout
+        wall = time.time()  # what RQ stamps from the client's clock: rate-limit scores and enqueued_at
         args: list[Any] = [
-            RQ_QUEUE_PREFIX + queue,
-            RQ_QUEUES_KEY,
-            RQ_JOB_PREFIX,
-            RQ_SCHEDULED_KEY.format(queue),
-            RQ_DEFERRED_KEY.format(queue),
-            MARKER_PREFIX,
-            LEGACY_MARKER_PREFIX,
+            keys.queue(queue),
+            keys.queues,
+            keys.job_prefix,
+            keys.scheduled(queue),
+            keys.deferred(queue),
+            keys.marker_prefix,
+            keys.legacy_marker_prefix,
             self.backstop_ms,
             int(deadline),
             fence.key if fence else "",
             fence.token if fence else "",
             self.window_ms,
+            keys.rate_limit_prefix,
+            keys.rate_limit_keys,
+            keys.group_prefix,
+            keys.groups,
+            int(wall),
+            rq_timestamp(wall),
             pack_rows(rows),
         ]
         return self._send(args)
@@ -229,7 +244,8 @@ class Pusher:
         except redis.RedisError as exc:
             return PendingPush(self, None, args, PushResult(error=exc, sent=False))
         try:
-            conn.send_packed_command([resp_command(b"EVALSHA", self._push.sha, 0, *args)])
+            # The queue key declared too (a cluster client routes by it)
+            conn.send_packed_command([resp_command(b"EVALSHA", self._push.sha, 1, args[0], *args)])
         except redis.RedisError as exc:
             conn.disconnect()
             pool.release(conn)
@@ -243,10 +259,11 @@ class Pusher:
     def settle(self, items: Sequence[tuple[str, str | None]], *, at_once: bool = False) -> int:
         """Markers of (job id, delivery id) whose rows are gone: kept one window more, or (``at_once``,
         a direct write whose reply came back: no other request carries it) deleted now. How many were found."""
-        args: list[Any] = [MARKER_PREFIX, LEGACY_MARKER_PREFIX, 0 if at_once else self.window_ms]
+        keys = self.layout
+        args: list[Any] = [keys.marker_prefix, keys.legacy_marker_prefix, 0 if at_once else self.window_ms]
         for job_id, delivery in items:
             args += [job_id, delivery or ""]
-        return int(self._settle(*args))
+        return int(self._settle(keys.queues, *args))  # any key of the prefix's slot routes it
 
     def raise_fence(self, name: str, queue: str, epoch: int) -> tuple[Fence | None, int]:
         """Make ``epoch`` the only token whose pushes ``name``'s ``queue`` takes from now on.
@@ -254,8 +271,8 @@ class Pusher:
         Returns (the fence, epoch), or (None, the fence Redis has) when that is not below ``epoch``:
         an older holding's raise, refused.
         """
-        key = f"{FENCE_PREFIX}{name}:{queue}"
-        raised, token = self._fence(key, epoch, self.backstop_ms)
+        key = f"{self.layout.fence_prefix}{name}:{queue}"
+        raised, token = self._fence(key, key, epoch, self.backstop_ms)
         return (Fence(key, int(token)) if raised else None), int(token)
 
 
@@ -306,6 +323,11 @@ class PendingPush:
         return PushResult(codes, ResponseError(failure), row_error=reply[4] != b"1")
 
 
+def rq_timestamp(wall: float) -> str:
+    """``wall`` as RQ's ``utcformat`` writes timestamps (enqueued_at of a job promoted by its rate limit)."""
+    return datetime.fromtimestamp(wall, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def resp_command(*args: bytes | str | int) -> bytes:
     """A command as the Redis protocol sends it: what redis-py's packer makes of these arguments, built
     directly (its general packer is a tenth of a healthy enqueue's time, measured)."""
@@ -317,15 +339,17 @@ def resp_command(*args: bytes | str | int) -> bytes:
 
 
 def pack_rows(rows: Sequence[PushItem]) -> bytes:
-    """One MessagePack array of {job_id, delivery, at_front, scheduled_at, stored job hash} arrays."""
+    """One MessagePack array of {job_id, delivery, at_front, scheduled_at, stored job hash, options} arrays."""
     parts = [msgpack_array_header(len(rows))]
     for row in rows:
         scheduled = b"" if row.scheduled_at is None else str(row.scheduled_at).encode()
         delivery = (row.delivery or "").encode()
         parts += [_ROW_HEADER, msgpack_str(row.job_id.encode()), msgpack_str(delivery)]
         parts += [_FRONT if row.at_front else _BACK, msgpack_str(scheduled), row.job_hash]
+        parts.append(msgpack_str(row.options.encode()) if row.options else _NO_OPTIONS)
     return b"".join(parts)
 
 
-_ROW_HEADER = msgpack_array_header(5)
+_ROW_HEADER = msgpack_array_header(6)
+_NO_OPTIONS = msgpack_str(b"")
 _FRONT, _BACK = msgpack_str(b"1"), msgpack_str(b"0")

@@ -9,6 +9,7 @@ one producer's jobs reach RQ in the order they were enqueued.
 
 from __future__ import annotations
 
+import json
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import redis
 import rq
 from redis.client import Pipeline
+from rq.exceptions import DuplicateJobError
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 from rq.utils import now
@@ -27,8 +29,9 @@ from sqlalchemy import Engine
 from . import metrics, settings
 from .health import RedisHealth
 from .lanes import OutboxLike, SpillLane, lane_for, resolve_outbox, server_for
-from .pusher import DEFERRED, Pusher
+from .pusher import DEFERRED, EXISTS, QUEUED, Pusher
 from .redis_side import resolve_target
+from .rq_keys import KeyLayout, layout_of_queue, stored_target
 from .stored_job import SpilledJob, encode_hash, new_delivery_id, schedule_timestamp
 from .transaction import TransactionalQueue, refuse_within
 
@@ -37,6 +40,12 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, scoped_session
 
 __all__ = ["OutboxLike", "Queue", "resolve_outbox", "was_spilled"]
+
+#: The installed RQ's major version: some rules of plain RQ differ between 2 and 3, and plain RQ's
+#: behaviour on the same call is the reference.
+RQ_MAJOR = int(rq.__version__.split(".")[0])
+#: RQ's job status of a job waiting for a slot of its rate limit (RQ 3).
+RATE_LIMITED_STATUS = "rate_limited"
 
 
 class _Failed(NamedTuple):
@@ -59,8 +68,14 @@ class Queue(rq.Queue):
 
     Jobs carry their final id either way; ``was_spilled(job)`` tells which way they went.
     Each enqueue is a delivery of its own: enqueueing a job id again enqueues it again, as in RQ.
-    Calls that pass their own ``pipeline=`` or ``unique=True``, and ``is_async=False``
-    queues, are RQ's own and are not spilled.
+    Keys follow RQ's key prefix (``RQ_KEY_PREFIX``, RQ 3), which the spilled rows carry.
+
+    ``unique=True``: with Redis healthy, RQ's rule and error (``DuplicateJobError``). A spilled
+    unique job cannot be checked until it is replayed: the caller gets the job, and if its id is
+    in Redis by then the replay writes nothing and records the row as ``skipped`` (logged,
+    counted in ``spillover_unique_skipped_total``, shown by ``spillover status``).
+    Calls that pass their own ``pipeline=``, and ``is_async=False`` queues, are RQ's own and
+    are not spilled.
     """
 
     def __init__(
@@ -75,15 +90,21 @@ class Queue(rq.Queue):
         **kwargs: Any,
     ) -> None:
         super().__init__(name, connection, *args, **kwargs)
+        #: RQ's key names for this queue and its job class (one prefix: ConfigurationError otherwise).
+        self.key_layout: KeyLayout = layout_of_queue(
+            self.redis_queue_namespace_prefix, self.job_class.redis_job_namespace_prefix, self.redis_queues_keys
+        )
         self.outbox = resolve_outbox(outbox)
         #: The Redis this queue's spilled rows are meant for; replayers drain only their own target.
         self.target = resolve_target(target, self.connection)
+        self._stored_target = stored_target(self.target, self.key_layout)  # the prefix travels with the rows
         self.marker_ttl = settings.marker_ttl() if marker_ttl is None else marker_ttl
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
-        self._server = server_for(self.connection, timeout, settings.probe_interval())
+        self._server = server_for(self.connection, timeout, settings.probe_interval(), self.key_layout)
         self._client = self._server.client
-        self._pusher: Pusher = self._server.pusher(self.marker_ttl)
-        self._lane = lane_for("plain", self.outbox, self._server, self._pusher, self.target, name)
+        self._pusher: Pusher = self._server.pusher(self.marker_ttl, self.key_layout)
+        self._settler = self._server.settler(self.key_layout)
+        self._lane = lane_for("plain", self.outbox, self._server, self._pusher, self._stored_target, name)
         # within(): per database of a caller's transaction, the lane of its rows
         self._within_lanes: weakref.WeakKeyDictionary[Engine, SpillLane] = weakref.WeakKeyDictionary()
         self._metrics: dict[str, tuple[Any, Any]] = {}  # per path: this queue's enqueue counter and timer
@@ -123,7 +144,7 @@ class Queue(rq.Queue):
             url = engine.url.render_as_string(hide_password=False)
             same = self.outbox.engine.url.render_as_string(hide_password=False) == url
             outbox = self.outbox if same else resolve_outbox(url)
-            found = lane_for("transaction", outbox, self._server, self._pusher, self.target, self.name)
+            found = lane_for("transaction", outbox, self._server, self._pusher, self._stored_target, self.name)
             self._within_lanes[engine] = found
         return found
 
@@ -136,17 +157,26 @@ class Queue(rq.Queue):
     def enqueue_job(
         self, job: Job, pipeline: Pipeline | None = None, at_front: bool = False, unique: bool = False
     ) -> Job:
-        if pipeline is not None or unique or not self._is_async:
+        if pipeline is not None or not self._is_async:
             return super().enqueue_job(job, pipeline=pipeline, at_front=at_front, unique=unique)
-        self._prepare_offline(job)
-        self._deliver([job], [self._row(job, at_front=at_front)])
+        self._check_enqueue(job, unique)
+        if _rate_limited(job):
+            self._prepare_rate_limited(job, at_front)
+        else:
+            self._prepare_offline(job)
+        self._deliver([job], [self._row(job, at_front=at_front, unique=unique)])
         return job
 
     def schedule_job(self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False) -> Job:
-        if pipeline is not None or unique:
+        if pipeline is not None:
             return super().schedule_job(job, datetime, pipeline=pipeline, unique=unique)
+        check_prefix = getattr(self, "_check_rate_limit_namespace", None)  # RQ 3's checks, in its order
+        if check_prefix is not None:
+            check_prefix(job)
+        if unique and not job._id:
+            raise ValueError("unique=True requires an explicit job_id")
         job._status = JobStatus.SCHEDULED
-        self._deliver([job], [self._row(job, scheduled_at=schedule_timestamp(datetime))])
+        self._deliver([job], [self._row(job, scheduled_at=schedule_timestamp(datetime), unique=unique)])
         return job
 
     def enqueue_many(
@@ -154,17 +184,46 @@ class Queue(rq.Queue):
     ) -> list[Job]:
         if pipeline is not None or not self._is_async:
             return list(super().enqueue_many(job_datas, pipeline=pipeline, group_id=group_id))
+        return self.enqueue_many_into(job_datas, group_id, join_group=False)
+
+    def enqueue_many_into(
+        self, job_datas: Iterable[EnqueueData], group_id: str | None, *, join_group: bool
+    ) -> list[Job]:
+        """``enqueue_many``; with ``join_group``, the jobs also join RQ Group ``group_id`` (its keys), as
+        ``Group.enqueue_many`` adds them (spillover.Group)."""
         datas = list(job_datas)
+        if RQ_MAJOR >= 3:  # RQ 3 refuses a job id twice in one call (one key would lose a job)
+            given = [data.job_id for data in datas if data.job_id is not None]
+            for job_id in given:
+                if given.count(job_id) > 1:
+                    raise ValueError(f"Job ID '{job_id}' appears more than once in enqueue_many()")
         # As RQ orders them: jobs without dependencies first, then those with.
         datas = [data for data in datas if not data.depends_on] + [data for data in datas if data.depends_on]
         jobs = [self._create_from(data, group_id) for data in datas]
+        group = group_id if join_group else None
         rows = []
         for job, data in zip(jobs, datas, strict=True):
             self._prepare_offline(job)
-            rows.append(self._row(job, at_front=bool(data.at_front)))
+            front = bool(data.at_front)
+            if data.depends_on:  # RQ enqueues a dependent job whose parents are done with the Dependency's
+                # enqueue_at_front (RQ 3: or the data's at_front)
+                front = bool(job.enqueue_at_front) or (RQ_MAJOR >= 3 and front)
+            rows.append(self._row(job, at_front=front, group=group, many=True))
         if rows:
             self._deliver(jobs, rows)
         return jobs
+
+    def _check_enqueue(self, job: Job, unique: bool) -> None:
+        """The checks RQ's ``enqueue_job`` makes before writing anything, with its errors."""
+        check_prefix = getattr(self, "_check_rate_limit_namespace", None)  # RQ 3
+        if check_prefix is not None:
+            check_prefix(job)
+        if unique and not job._id:
+            raise ValueError("unique=True requires an explicit job_id")
+        if unique and job._dependency_ids:
+            raise ValueError("unique=True is not supported with job dependencies")
+        if unique and _rate_limited(job):
+            raise ValueError("unique=True is not supported with rate-limited jobs")
 
     # -- choosing the path ---------------------------------------------------------
 
@@ -209,11 +268,15 @@ class Queue(rq.Queue):
         result = self._pusher.push(self.name, rows)
         done = [(row.job_id, row.delivery) for row in rows[: len(result.codes)]]
         if result.complete:
+            self._settler.confirmed(done)  # the reply came back: nobody will look for these markers
             for job, code in zip(jobs, result.codes, strict=True):
+                if code == EXISTS:  # unique=True (one job per call): RQ's error, nothing written
+                    raise DuplicateJobError(f"Job with ID '{job.id}' already exists")
                 if code == DEFERRED:
                     job._status, job.enqueued_at = JobStatus.DEFERRED, None
+                elif code == QUEUED and job._status == RATE_LIMITED_STATUS:  # it had a free slot at once
+                    job._status, job.enqueued_at = JobStatus.QUEUED, now()
                 setattr(job, "spilled", False)  # noqa: B010
-            self._server.settler.confirmed(done)  # the reply came back: nobody will look for these markers
             return None
         if result.refusal is not None or result.outage:
             # Redis did not take them: the breaker and the clock as for any push of this lane. Rows written
@@ -222,7 +285,7 @@ class Queue(rq.Queue):
             refused = redis.TimeoutError(f"redis refused the write as {str(result.refusal).lower()}")
             return _Failed(result.error or refused, result.ambiguous)
         assert result.error is not None
-        self._server.settler.confirmed(done)  # written before the failing job; they stay, as in RQ
+        self._settler.confirmed(done)  # written before the failing job; they stay, as in RQ
         raise result.error
 
     # -- building what the outbox stores -------------------------------------------
@@ -235,16 +298,50 @@ class Queue(rq.Queue):
             job.timeout = self._default_timeout
         job._status = JobStatus.QUEUED
 
-    def _row(self, job: Job, *, at_front: bool = False, scheduled_at: int | None = None) -> SpilledJob:
-        """The job as the pusher and the outbox both take it, with the id of this delivery."""
+    def _prepare_rate_limited(self, job: Job, at_front: bool) -> None:
+        """What RQ 3's ``_enqueue_rate_limited_job`` sets: the job waits for a slot (no enqueued_at yet)."""
+        job.origin = self.name
+        if job.timeout is None:
+            job.timeout = self._default_timeout
+        job._status = JobStatus(RATE_LIMITED_STATUS)  # only RQ 3 jobs have a rate limit
+        if at_front:
+            job.enqueue_at_front = True
+
+    def _row(
+        self,
+        job: Job,
+        *,
+        at_front: bool = False,
+        scheduled_at: int | None = None,
+        unique: bool = False,
+        group: str | None = None,
+        many: bool = False,
+    ) -> SpilledJob:
+        """The job as the pusher and the outbox both take it, with the id of this delivery.
+
+        ``many``: an enqueue_many job, whose dependencies RQ records even when met, deciding with
+        ``Job.dependencies_are_met`` (a failed parent is done for a job that allows failures; for
+        enqueue_job only from RQ 3 on).
+        """
+        options: dict[str, Any] = {}
+        if unique:
+            options["unique"] = True
+        if group is not None:
+            options["group"] = group
+        if job._dependency_ids:
+            if many:
+                options["register"] = True
+            if job.allow_dependency_failures and (many or RQ_MAJOR >= 3):
+                options["failed_ok"] = True
         return SpilledJob(
-            target=self.target,
+            target=self._stored_target,
             queue=self.name,
             job_id=job.id,
             job_hash=encode_hash(job.to_dict()),
             at_front=at_front,
             scheduled_at=scheduled_at,
             delivery=new_delivery_id(),
+            options=json.dumps(options, separators=(",", ":")) if options else None,
         )
 
     def _create_from(self, data: EnqueueData, group_id: str | None) -> Job:
@@ -268,6 +365,11 @@ class Queue(rq.Queue):
             webhooks=data.webhooks,
             group_id=group_id,
         )
+
+
+def _rate_limited(job: Job) -> bool:
+    """Whether the job goes through an RQ 3 rate limit (RQ 2's jobs have none)."""
+    return bool(getattr(job, "rate_limit_key", None))
 
 
 class _WithinWriter(Queue):

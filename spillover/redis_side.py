@@ -27,7 +27,8 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from . import settings
 from .errors import ConfigurationError
-from .settings import PROBE_KEY, redact
+from .rq_keys import DEFAULT_LAYOUT
+from .settings import redact
 from .targets import qualified_host
 
 # Replies that mean "this server cannot take writes right now", not "you asked wrong": loading its
@@ -183,6 +184,6 @@ def client_from_url(url: str, timeout: float) -> redis.Redis:
     return bounded_client(redis_from_url(url), timeout)
 
 
-def probe_write(client: redis.Redis) -> None:
-    """A write, because PING succeeds on a read-only replica and during OOM."""
-    client.set(PROBE_KEY, b"1", px=60_000)
+def probe_write(client: redis.Redis, key: str = DEFAULT_LAYOUT.probe) -> None:
+    """A write, because PING succeeds on a read-only replica and during OOM (``key``: under RQ's prefix)."""
+    client.set(key, b"1", px=60_000)

@@ -36,8 +36,10 @@ from .errors import ReplayError
 from .lease import QueueLease, live_leases
 from .markers import Settler
 from .outbox import Outbox, OutboxRow, PendingGroup
-from .pusher import FENCED, LATE, Fence, Pusher
+from .pusher import DUPLICATE, EXISTS, FENCED, LATE, Fence, Pusher
 from .redis_side import is_outage, probe_write, resolve_target
+from .rq_keys import DEFAULT_LAYOUT, KeyLayout, environment_prefix, split_target
+from .schema import SKIPPED
 from .targets import Group, TargetMatcher, setting_for
 from .wakeup import CommitListener
 
@@ -46,6 +48,8 @@ log = logging.getLogger("spillover.replay")
 #: Longest wait between write-probes while Redis is down: the drain starts this soon after it is back.
 #: A probe of a server that refuses is a fraction of a millisecond, so probing often costs nothing.
 REDIS_PROBE_CAP = 0.1
+#: Seconds a skipped unique=True row is kept for ``status`` (at least; longer with --retention).
+SKIPPED_KEEP = 7 * 86400.0
 
 
 class RedisUnavailable(Exception):
@@ -77,6 +81,7 @@ UNCLAIMED_CHECK_INTERVAL = 10.0
 class ReplayStats:
     replayed: int = 0
     duplicates: int = 0
+    skipped: int = 0  # unique=True rows whose job id was in Redis already
     dead: int = 0
 
 
@@ -100,8 +105,12 @@ class Replayer:
         self._unclaimed_checked_at = -1e9
         self._unclaimed_warned_at = -1e9
         self._foreign_reported: set[str | None] = set()  # other targets whose rows we have logged once
+        # Per RQ key prefix (the rows carry theirs): its pusher and settler, on one clock.
         self.pusher = Pusher(client, backstop=self.config.marker_ttl, window=self.config.delivery_window)
         self.settler = Settler(self.pusher)
+        self._by_layout: dict[KeyLayout, tuple[Pusher, Settler]] = {DEFAULT_LAYOUT: (self.pusher, self.settler)}
+        # The health probe writes under the prefix of this process's RQ_KEY_PREFIX (a cluster node owns its slot).
+        self._probe_key = KeyLayout(environment_prefix()).probe
         self.stats = ReplayStats()
         self.stopping = threading.Event()
         self._redis_up: bool | None = None
@@ -145,7 +154,7 @@ class Replayer:
             self._commits.close()
             self.release_leases()
             self._unregister()
-            self.settler.flush()
+            self._flush_settlers()
 
     def _idle(self) -> None:
         """Wait ``poll_interval``, or until a commit wakes us; staying in the registry all the while."""
@@ -186,7 +195,7 @@ class Replayer:
         finally:
             self.release_leases()
             self._unregister()
-            self.settler.flush()
+            self._flush_settlers()
         self._purge_retained()
         return self.stats
 
@@ -314,6 +323,7 @@ class Replayer:
         log.info("draining queue %s: %d left%s", queue, left, spelled)
         started, moved, size = time.monotonic(), 0, self.config.batch_size
         confirmed: list[OutboxRow] = []  # in Redis, not yet removed from the outbox
+        pusher, settler = self._keys_of(group)
 
         def fetch(exclude: list[int] | None = None) -> tuple[list[OutboxRow], float]:
             """The next rows, and Redis's time before they were read: their push's deadline counts from it."""
@@ -330,14 +340,14 @@ class Replayer:
                 if not lease.hold():
                     log.warning("lost the lease of queue %s to another replayer; leaving it", queue)
                     break
-                fence = self._fence(group, lease)
+                fence = self._fence(group, lease, pusher)
                 if fence is None:
                     log.warning("queue %s: a newer holder has raised its fence; leaving it", queue)
                     break
                 good = list(itertools.takewhile(lambda row: self._unreplayable(row) is None, rows))
-                push = self.pusher.start(queue, good, read_at=read_at, fence=fence) if good else None
+                push = pusher.start(queue, good, read_at=read_at, fence=fence) if good else None
                 try:
-                    self._confirm(confirmed)
+                    self._confirm(confirmed, settler)
                     upcoming = fetch(exclude=[row.id for row in rows])
                 except BaseException:
                     if push is not None:
@@ -356,13 +366,13 @@ class Replayer:
                         self.pusher.clock.forget()
                         rows, read_at = fetch()
                         continue
-                    confirmed = good[: len(result.codes)]
+                    confirmed = self._skip_existing(good, result.codes)
                     moved += len(result.codes)
                     self._count(queue, result.codes)
                     if result.error is not None:
                         if result.outage or not result.row_error:
                             raise self._redis_failed(result.error)
-                        self._confirm(confirmed)
+                        self._confirm(confirmed, settler)
                         if not self._failed(good[len(result.codes)], str(result.error)):
                             break  # the queue waits for this row: order first
                         moved += 1
@@ -370,13 +380,13 @@ class Replayer:
                         continue
                 if len(good) < len(rows):
                     bad = rows[len(good)]
-                    self._confirm(confirmed)
+                    self._confirm(confirmed, settler)
                     self._kill(bad, str(self._unreplayable(bad)))
                     moved += 1
                     upcoming = fetch()  # the rows after it, excluded above
                 rows, read_at = upcoming
         finally:
-            self._confirm(confirmed)
+            self._confirm(confirmed, settler)
         if not rows:
             log.info("drained queue %s: %d rows in %.2f s", queue, moved, time.monotonic() - started)
         return moved
@@ -387,12 +397,38 @@ class Replayer:
         except redis.RedisError as exc:
             raise self._redis_failed(exc) from exc
 
-    def _fence(self, group: Group, lease: QueueLease) -> Fence | None:
+    def _keys_of(self, group: Group) -> tuple[Pusher, Settler]:
+        """The pusher and settler for the RQ key prefix ``group``'s rows carry in their target."""
+        layout = DEFAULT_LAYOUT if group.target is None else split_target(group.target)[1]
+        found = self._by_layout.get(layout)
+        if found is None:
+            config = self.config
+            pusher = Pusher(
+                self.client,
+                backstop=config.marker_ttl,
+                window=config.delivery_window,
+                clock=self.pusher.clock,
+                layout=layout,
+            )
+            found = self._by_layout[layout] = (pusher, Settler(pusher))
+        return found
+
+    def _flush_settlers(self) -> None:
+        for _, settler in self._by_layout.values():
+            settler.flush()
+
+    def _skip_existing(self, rows: list[OutboxRow], codes: list[int]) -> list[OutboxRow]:
+        """The rows the push processed, less unique ones whose id Redis had (kept as skipped, counted)."""
+        taken = self.outbox.mark_skipped(rows, codes)
+        self.stats.skipped += min(len(rows), len(codes)) - len(taken)
+        return taken
+
+    def _fence(self, group: Group, lease: QueueLease, pusher: Pusher) -> Fence | None:
         """The fence of this holding of ``group``'s lease, raised in Redis before its first batch; None if
         Redis has a newer one and the outbox says the lease is no longer ours."""
         try:
             while lease.fence is None:
-                lease.fence, fence = self.pusher.raise_fence(group.lease_name, group.queue, lease.epoch)
+                lease.fence, fence = pusher.raise_fence(group.lease_name, group.queue, lease.epoch)
                 if lease.fence is None and not lease.epoch_above(fence):
                     return None
         except redis.RedisError as exc:
@@ -405,19 +441,19 @@ class Replayer:
         self._set_redis_up(False, exc)
         return RedisUnavailable(str(exc))
 
-    def _confirm(self, rows: list[OutboxRow]) -> None:
+    def _confirm(self, rows: list[OutboxRow], settler: Settler) -> None:
         """Remove rows Redis has confirmed from the outbox (or keep them as done), then settle their markers."""
         if rows:
             self.outbox.mark_delivered([row.id for row in rows], keep=self.config.retention > 0)
-            self.settler.gone([(row.job_id, row.delivery) for row in rows])
+            settler.gone([(row.job_id, row.delivery) for row in rows])
             rows.clear()
 
     def _count(self, queue: str, codes: list[int]) -> None:
-        duplicates = codes.count(0)
+        duplicates, skipped = codes.count(DUPLICATE), codes.count(EXISTS)
         self.stats.duplicates += duplicates
-        self.stats.replayed += len(codes) - duplicates
+        self.stats.replayed += len(codes) - duplicates - skipped
         metrics.DUPLICATES.labels(queue).inc(duplicates)
-        metrics.REPLAYED.labels(queue).inc(len(codes) - duplicates)
+        metrics.REPLAYED.labels(queue).inc(len(codes) - duplicates - skipped)
         if duplicates:
             log.info("queue %s: %d job(s) already in redis, not pushed again", queue, duplicates)
 
@@ -450,7 +486,7 @@ class Replayer:
 
     def _redis_healthy(self) -> bool:
         try:
-            probe_write(self.client)
+            probe_write(self.client, self._probe_key)
             if self._redis_up is not True:
                 # A Redis that is new, restarted or failed over may lack the script: load it with a
                 # small command of its own, not learn it from a batch call whose reply may be lost.
@@ -473,11 +509,16 @@ class Replayer:
         self._redis_up = up
 
     def _purge_retained(self) -> None:
-        if self.config.retention > 0 and time.monotonic() - self._purged_at > 60:
+        if time.monotonic() - self._purged_at > 60:
             self._purged_at = time.monotonic()
-            purged = self.outbox.purge_done(self.config.retention)
+            if self.config.retention > 0:
+                purged = self.outbox.purge_done(self.config.retention)
+                if purged:
+                    log.info("purged %d replayed rows older than %.0f s", purged, self.config.retention)
+            keep = max(self.config.retention, SKIPPED_KEEP)
+            purged = self.outbox.purge_done(keep, state=SKIPPED)
             if purged:
-                log.info("purged %d replayed rows older than %.0f s", purged, self.config.retention)
+                log.info("purged %d skipped unique rows older than %.0f s", purged, keep)
 
     def _keep_registered(self) -> None:
         """Every few seconds: renew this replayer's registry row, decide whether to adopt rows with no

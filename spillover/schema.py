@@ -33,6 +33,7 @@ VERSION_TABLE = "spillover_alembic_version"
 PENDING = "pending"
 DONE = "done"
 DEAD = "dead"
+SKIPPED = "skipped"  # unique=True: the job id was in Redis at replay
 
 metadata = MetaData()
 
@@ -51,6 +52,8 @@ outbox = Table(
     # The id of the one enqueue this row stands for: its delivery marker in Redis is keyed by it
     # (redis_side.py). NULL: written by a release before 0.4, whose marker is keyed by the job id.
     Column("delivery", String(40), nullable=True),
+    # RQ options the push script applies beyond the job hash (unique, group, ...): JSON, 0005.
+    Column("options", Text, nullable=True),
     # The RQ job hash as netstrings: field, value, field, value ... (see stored_job.py).
     Column("job_hash", LargeBinary, nullable=False),
     Column("at_front", Boolean, nullable=False, server_default="0"),

@@ -10,6 +10,7 @@ import os
 import re
 
 from .errors import ConfigurationError
+from .rq_keys import DEFAULT_LAYOUT
 
 DEFAULT_DATABASE_URL = "sqlite:///spillover.db"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -31,13 +32,14 @@ DEFAULT_BUSY_TIMEOUT = 10.0
 #: Seconds an upgrade waits for another upgrade of the same outbox (and for a table lock) before failing.
 DEFAULT_UPGRADE_LOCK_WAIT = 600.0
 
+# Spillover's keys under RQ's default prefix (rq_keys.KeyLayout names them for any prefix):
 #: Delivery markers: one per enqueue (its delivery id), while that delivery is in doubt.
-MARKER_PREFIX = "spillover:delivery:"
+MARKER_PREFIX = DEFAULT_LAYOUT.marker_prefix
 #: Markers of releases before 0.4, keyed by job id; still read and written for a replayer of such a release.
-LEGACY_MARKER_PREFIX = "spillover:delivered:"
+LEGACY_MARKER_PREFIX = DEFAULT_LAYOUT.legacy_marker_prefix
 #: Per target's queue: the fencing token of its lease holder.
-FENCE_PREFIX = "spillover:fence:"
-PROBE_KEY = "spillover:probe"
+FENCE_PREFIX = DEFAULT_LAYOUT.fence_prefix
+PROBE_KEY = DEFAULT_LAYOUT.probe
 
 
 def env_str(name: str, default: str) -> str:

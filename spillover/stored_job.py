@@ -42,6 +42,7 @@ class SpilledJob:
     scheduled_at: int | None = None
     ambiguous: bool = False
     delivery: str | None = None  # new_delivery_id(); None: a row of a release before 0.4
+    options: str | None = None  # JSON of the RQ options the push script applies (push.lua); None: none
 
 
 class _Deliveries:

@@ -35,6 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .errors import ConfigurationError
+from .rq_keys import TARGET_PREFIX_SEPARATOR, split_target
+
 #: Host names that always mean this machine.
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 #: Seconds a resolved host name is trusted.
@@ -128,10 +131,18 @@ class TargetMatcher:
         self._resolver = _Resolver()
 
     def group(self, target: str | None, queue: str, row_host: str) -> Group | None:
-        """The group this replayer drains such rows in, or None when they are not its own."""
+        """The group this replayer drains such rows in, or None when they are not its own.
+
+        A stored target may carry RQ's key prefix (rq_keys.stored_target): its rows are this
+        replayer's if the Redis part is, drained in groups (and leases) of their own.
+        """
         if target is None:
             return Group(None, queue) if self.adopt_untargeted else None
-        if not self.same_server(target):
+        try:
+            server, _ = split_target(target)
+        except ConfigurationError:
+            return None  # not a prefix RQ accepts: nobody's rows (status lists them)
+        if not self.same_server(server):
             return None
         if self.host_local(target):
             return Group(target, queue, row_host) if row_host == self.host else None
@@ -139,7 +150,7 @@ class TargetMatcher:
 
     def host_local(self, target: str) -> bool:
         """Loopback and socket names mean a server on the producer's own host."""
-        address = parse(target)
+        address = parse(_server_part(target))
         if address is None:
             return False
         return address.kind == "unix" or self._resolver.is_loopback(address.where)
@@ -162,9 +173,14 @@ class TargetMatcher:
         return bool(resolver.addresses(theirs.where) & resolver.addresses(mine.where))
 
 
+def _server_part(target: str) -> str:
+    """A stored target without the key prefix it may carry."""
+    return target.rpartition(TARGET_PREFIX_SEPARATOR)[0] or target
+
+
 def is_host_local_name(target: str) -> bool:
     """A loopback or socket name, by its spelling alone (no lookup): for reports."""
-    address = parse(target)
+    address = parse(_server_part(target))
     return address is not None and (address.kind == "unix" or _is_loopback_literal(address.where))
 
 
@@ -176,9 +192,10 @@ def setting_for(group: Group) -> str:
             "one replayer alone on this outbox, of the Redis these rows were meant for (rows with no target are "
             f"adopted only while no replayer of another Redis runs){where}"
         )
-    address = parse(group.target)
+    server = _server_part(group.target)  # a replayer of that Redis drains its rows of every key prefix
+    address = parse(server)
     if address is None:
-        return f"a replayer with --target {group.target!r}{where}"
+        return f"a replayer with --target {server!r}{where}"
     if address.kind == "unix":
         return f"a replayer with --redis-url unix://{address.where}?db={address.db}{where}"
     host = f"[{address.where}]" if ":" in address.where else address.where

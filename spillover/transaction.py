@@ -57,7 +57,8 @@ _INFO_KEY = "spillover.written"  # session.info: rows written in the session's c
 _NOTIFIED_KEY = "spillover.notified"  # connection.info: the transaction that will wake the replayer
 _INSERT_ONE = insert(outbox_table).returning(outbox_table.c.id)
 _INSERT_MANY = insert(outbox_table).returning(outbox_table.c.id, sort_by_parameter_order=True)
-_OPTIONAL_COLUMNS = ("target", "delivery")  # added by later migrations: rows are written without them until then
+# Added by later migrations: rows are written without them until then.
+_OPTIONAL_COLUMNS = ("target", "delivery", "options")
 _hooks_installed = False
 _complete_schemas: weakref.WeakSet[Engine] = weakref.WeakSet()
 _deleters: weakref.WeakKeyDictionary[Outbox, DeliveredRows] = weakref.WeakKeyDictionary()
@@ -165,6 +166,7 @@ class TransactionalQueue:
             {
                 "target": row.target,
                 "delivery": row.delivery,
+                "options": row.options,
                 "queue": row.queue,
                 "job_id": row.job_id,
                 "job_hash": row.job_hash,
@@ -174,6 +176,10 @@ class TransactionalQueue:
             }
             for row in rows
         ]
+        if "options" in missing and any(row.options is not None for row in rows):
+            raise OutboxNotMigrated(
+                outbox_table.name, "the outbox has no options column for this job's RQ options (unique, group)"
+            )
         for param in params if missing else ():
             for column in missing:
                 del param[column]
@@ -363,7 +369,7 @@ def _push(items: list[_Written], read_at: float | None) -> None:
             before_push()
         result = lane.pusher.push(lane.queue, rows, read_at=read_at)
         pushed = items[: len(result.codes)]
-        settler = lane.server.settler
+        settler = lane.server.settler(lane.pusher.layout)
         _deleter(lane.outbox).add([(item.row_id, item.row.job_id, item.row.delivery, settler) for item in pushed])
         metrics.COMMITTED_PUSHED.labels(lane.queue).inc(len(pushed))
         if result.complete:

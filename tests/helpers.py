@@ -47,7 +47,9 @@ def snapshot(client: redis.Redis, keep_markers: bool = False, relative_schedule:
         elif kind == "zset":
             # deferred registry scores are "now": keep members only there
             pairs = client.zrange(raw, 0, -1, withscores=True)
-            by_member = key.startswith("rq:deferred:") or (relative_schedule and key.startswith("rq:scheduled:"))
+            # (and RQ 3's rate limit sets: scores are "now" in seconds)
+            by_member = ":deferred:" in key or key.endswith((":allowed", ":rate_limited"))
+            by_member = by_member or (relative_schedule and ":scheduled:" in key)
             value = [m for m, _ in pairs] if by_member else pairs
         else:
             value = client.get(raw)

@@ -9,7 +9,7 @@ import jobs
 import pytest
 import redis
 import rq
-from forms import FORMS, assert_same_as_native, depends_on_unfinished, run_natively
+from forms import FORMS, assert_same_as_native, prepare, run_natively
 from helpers import replay_once, run_worker, snapshot, wait_for
 from servers import free_port
 
@@ -26,9 +26,8 @@ def dead_redis() -> redis.Redis:
 def test_healthy_path_writes_exactly_what_rq_writes(redis_server, sqlite_url):
     native, ours = redis_server.client(db=1), redis_server.client(db=0)
     for form in FORMS.values():
-        if form is depends_on_unfinished:
-            for client in (native, ours):
-                rq.Queue("q", connection=client).enqueue(jobs.noop, job_id="parent")
+        for client in (native, ours):
+            prepare(form, client)
         form(rq.Queue("q", connection=native))
         form(Queue("q", connection=ours, outbox=sqlite_url))
     assert snapshot(ours, relative_schedule=True) == snapshot(native, relative_schedule=True)

@@ -55,14 +55,27 @@ def test_what_counts_as_an_outage(error, outage):
 
 
 def test_rq_key_names_are_rqs():
+    """The layout the replayer writes (without importing rq) is the installed rq's, key by key."""
     from rq.job import Job
     from rq.queue import Queue as RQQueue
     from rq.registry import DeferredJobRegistry, ScheduledJobRegistry
 
-    from spillover import pusher as redis_side
+    from spillover.rq_keys import KeyLayout, environment_prefix
 
-    assert RQQueue.redis_queue_namespace_prefix == redis_side.RQ_QUEUE_PREFIX
-    assert RQQueue.redis_queues_keys == redis_side.RQ_QUEUES_KEY
-    assert Job.redis_job_namespace_prefix == redis_side.RQ_JOB_PREFIX
-    assert ScheduledJobRegistry.key_template == redis_side.RQ_SCHEDULED_KEY
-    assert DeferredJobRegistry.key_template == redis_side.RQ_DEFERRED_KEY
+    keys = KeyLayout(environment_prefix())
+    assert RQQueue.redis_queue_namespace_prefix == keys.queue_prefix
+    assert RQQueue.redis_queues_keys == keys.queues
+    assert Job.redis_job_namespace_prefix == keys.job_prefix
+    assert ScheduledJobRegistry(queue=RQQueue("q", connection=redis.Redis())).key == keys.scheduled("q")
+    assert DeferredJobRegistry(queue=RQQueue("q", connection=redis.Redis())).key == keys.deferred("q")
+    try:
+        from rq.group import Group
+    except ImportError:  # pragma: no cover - RQ without groups
+        return
+    assert Group.REDIS_GROUP_NAME_PREFIX == keys.group_prefix and Group.REDIS_GROUP_KEY == keys.groups
+    try:
+        from rq.rate_limit import RateLimitRegistry
+    except ImportError:  # RQ 2 has no rate limits
+        return
+    limit = RateLimitRegistry("k", connection=redis.Redis())
+    assert limit.config_key == keys.rate_limit_prefix + "k" and RateLimitRegistry.rl_keys_key == keys.rate_limit_keys

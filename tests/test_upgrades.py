@@ -18,7 +18,7 @@ from spillover import migrate
 from spillover.schema import VERSION_TABLE
 from spillover.upgrade_lock import ADVISORY_KEY
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -9,18 +9,27 @@
 -- simply written again. A marker lives for the backstop until the row is gone from the
 -- outbox; then the pusher shortens it to the deadline window (settle.lua).
 --
+-- Every key is under RQ's key prefix (KEYS[1] is the queue key again, declared so that a cluster
+-- client routes the call; with a hash-tagged prefix all keys share its slot).
 -- ARGV: queue_key, queues_set, job_prefix, scheduled_key, deferred_key,
 --       marker_prefix, legacy_prefix, backstop_ms, deadline_ms, fence_key ('' = none),
---       fence_token, window_ms, rows.
+--       fence_token, window_ms, rate_limit_prefix, rate_limit_keys, group_prefix, groups_set,
+--       client time (s, RQ's scores), client time as RQ formats it (enqueued_at), rows.
 -- rows is one MessagePack array with, per row, the array
 --       {job_id, delivery ('' = a row of a release before 0.4), at_front (0/1),
---        scheduled_at ('' = now), job hash}
+--        scheduled_at ('' = now), job hash, options (JSON, '' = none)}
 -- and the job hash is itself the MessagePack array (field, value, ...) that the producer
--- stored in the outbox: cmsgpack unpacks a whole batch in one C call.
+-- stored in the outbox: cmsgpack unpacks a whole batch in one C call. Options:
+-- unique (write nothing if the job id exists: RQ's unique=True), group (add the job to
+-- that RQ Group), failed_ok (a failed parent counts as done, as RQ 3's enqueue and every
+-- enqueue_many decide for allow_dependency_failures), register (record the dependencies even
+-- when they are met, as enqueue_many does).
+-- A job hash with rate_limit_key goes through RQ 3's rate limit: it waits in the limit's
+-- set and the free slots are filled, oldest first, as RQ's acquire script does.
 -- Returns {codes, error, refusal, redis time ms, call}: codes has one digit per processed row
--- (0 duplicate, 1 queued, 2 deferred, 3 scheduled); processing stops at the first failing
--- row, whose error text is the second element ('1' in call: the error is the batch's own, not
--- a row's); refusal is '', 'LATE' or 'FENCED'.
+-- (0 duplicate, 1 queued, 2 deferred, 3 scheduled, 4 unique id exists, 5 rate limited);
+-- processing stops at the first failing row, whose error text is the second element ('1' in
+-- call: the error is the batch's own, not a row's); refusal is '', 'LATE' or 'FENCED'.
 
 if redis.replicate_commands then redis.replicate_commands() end -- TIME before writes (Redis < 5)
 
@@ -29,6 +38,9 @@ local scheduled_key, deferred_key = ARGV[4], ARGV[5]
 local marker_prefix, legacy_prefix, backstop = ARGV[6], ARGV[7], ARGV[8]
 local deadline, fence_key, fence_token = tonumber(ARGV[9]), ARGV[10], ARGV[11]
 local window = tonumber(ARGV[12])
+local rl_prefix, rl_keys, group_prefix, groups_set = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
+local client_s, client_stamp = ARGV[17], ARGV[18]
+local queue_prefix = string.sub(job_prefix, 1, #job_prefix - #'job:') .. 'queue:' -- '<prefix>:queue:'
 
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -37,7 +49,7 @@ if fence_key ~= '' and redis.call('GET', fence_key) ~= fence_token then return {
 
 if fence_key ~= '' then redis.call('PEXPIRE', fence_key, backstop) end -- lives while its holder pushes
 
-local rows = cmsgpack.unpack(ARGV[13])
+local rows = cmsgpack.unpack(ARGV[19])
 local codes = {}
 
 local function write(...)
@@ -46,13 +58,33 @@ local function write(...)
   return reply
 end
 
--- RQ defers a job while any parent exists and is not finished.
-local function must_defer(deps)
+-- RQ defers a job while any parent exists and is not finished (RQ 3, allow_dependency_failures:
+-- nor failed).
+local function must_defer(deps, failed_ok)
   for _, dep in ipairs(deps) do
     local status = redis.call('HGET', job_prefix .. dep, 'status')
-    if redis.call('EXISTS', job_prefix .. dep) == 1 and status ~= 'finished' then return true end
+    local met = status == 'finished' or (failed_ok and status == 'failed')
+    if redis.call('EXISTS', job_prefix .. dep) == 1 and not met then return true end
   end
   return false
+end
+
+-- RQ 3's ACQUIRE_AND_ENQUEUE_SCRIPT (rq/rate_limit.py): fill the limit's free slots with its
+-- waiting jobs, oldest first.
+local function acquire(limit, concurrency)
+  local allowed, waiting = limit .. ':allowed', limit .. ':rate_limited'
+  while redis.call('ZCARD', allowed) < concurrency do
+    local popped = redis.call('ZPOPMIN', waiting)
+    if #popped == 0 then break end
+    local job_id = popped[1]
+    local job_key = job_prefix .. job_id
+    local found = redis.call('HMGET', job_key, 'origin', 'status', 'enqueue_at_front')
+    if found[1] and found[2] == 'rate_limited' then
+      write('ZADD', allowed, client_s, job_id)
+      write(found[3] == '1' and 'LPUSH' or 'RPUSH', queue_prefix .. found[1], job_id)
+      write('HSET', job_key, 'status', 'queued', 'enqueued_at', client_stamp)
+    end
+  end
 end
 
 -- Whether this delivery is in Redis already. Releases before 0.4 key their marker by the job
@@ -75,17 +107,24 @@ local function delivered(job_id, delivery)
   return tonumber(backstop) - redis.call('PTTL', key) < window
 end
 
-local function push_row(job_id, delivery, at_front, scheduled_at, fields)
+local function push_row(job_id, delivery, at_front, scheduled_at, fields, options)
   if delivered(job_id, delivery) then return 0 end
-  local ttl, deps = '', {}
-  for f = 1, #fields, 2 do
-    if fields[f] == 'ttl' then ttl = fields[f + 1]
-    elseif fields[f] == 'dependency_ids' then deps = cjson.decode(fields[f + 1]) end
-  end
+  local opts = (options ~= nil and options ~= '') and cjson.decode(options) or {}
   local job_key = job_prefix .. job_id
+  if opts.unique and redis.call('EXISTS', job_key) == 1 then return 4 end -- RQ's unique check
+  local ttl, deps, limit, concurrency = '', {}, nil, nil
+  for f = 1, #fields, 2 do
+    local name = fields[f]
+    if name == 'ttl' then ttl = fields[f + 1]
+    elseif name == 'dependency_ids' then deps = cjson.decode(fields[f + 1])
+    elseif name == 'rate_limit_key' then limit = fields[f + 1]
+    elseif name == 'rate_limit_concurrency' then concurrency = tonumber(fields[f + 1]) end
+  end
 
   local code = 1
-  if scheduled_at ~= '' then code = 3 elseif #deps > 0 and must_defer(deps) then code = 2 end
+  if scheduled_at ~= '' then code = 3
+  elseif #deps > 0 and must_defer(deps, opts.failed_ok) then code = 2
+  elseif limit and concurrency then code = 5 end
 
   if code == 2 then
     -- RQ saves a deferred job with status 'deferred' and no enqueued_at.
@@ -100,8 +139,8 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields)
     fields = hash
   end
   write('HSET', job_key, unpack(fields))
-  if code == 2 then
-    write('ZADD', deferred_key, clock[1], job_id)
+  if code == 2 then write('ZADD', deferred_key, clock[1], job_id) end
+  if code == 2 or opts.register then -- enqueue_many registers every dependent job, met or not
     for _, dep in ipairs(deps) do
       write('SADD', job_prefix .. dep .. ':dependents', job_id)
       write('SADD', job_prefix .. ':' .. job_id .. ':dependencies', dep)
@@ -116,6 +155,17 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields)
     write('ZADD', scheduled_key, scheduled_at, job_id)
   elseif code == 1 then
     write(at_front == '1' and 'LPUSH' or 'RPUSH', queue_key, job_id)
+  elseif code == 5 then -- RQ 3's _enqueue_rate_limited_job: register, wait, fill the free slots
+    local config = rl_prefix .. limit
+    write('SADD', rl_keys, limit)
+    write('HSET', config, 'concurrency', concurrency)
+    write('ZADD', config .. ':rate_limited', client_s, job_id)
+    acquire(config, concurrency)
+    if redis.call('HGET', job_key, 'status') == 'queued' then code = 1 end -- it had a free slot
+  end
+  if opts.group then -- RQ's Group.enqueue_many: the group's set of job ids, and the set of groups
+    write('SADD', group_prefix .. opts.group, job_id)
+    write('SADD', groups_set, opts.group)
   end
   if delivery == '' then -- '0': pushed by this release, which looks at '1' only for older releases' pushes
     write('SET', legacy_prefix .. job_id, '0', 'PX', backstop)
@@ -131,7 +181,7 @@ local registered, failure = pcall(write, 'SADD', queues_set, queue_key)
 if not registered then return {'', tostring(failure), '', now_ms, '1'} end
 
 for n, row in ipairs(rows) do
-  local ok, result = pcall(push_row, row[1], row[2], row[3], row[4], row[5])
+  local ok, result = pcall(push_row, row[1], row[2], row[3], row[4], row[5], row[6])
   if not ok then return {table.concat(codes), tostring(result), '', now_ms, ''} end
   codes[n] = result
 end
