@@ -9,7 +9,7 @@ from typing import Any
 
 import jobs
 import rq
-from helpers import snapshot
+from helpers import LAYOUT, snapshot
 from rq import Callback, Queue, Repeat, Retry
 from rq.exceptions import DuplicateJobError
 from rq.group import Group
@@ -181,6 +181,6 @@ def assert_same_as_native(form_name: str, ours: Any, native: Any) -> None:
     relative = form_name == "enqueue_in"
     assert snapshot(ours, relative_schedule=relative) == snapshot(native, relative_schedule=relative)
     if relative:  # scheduled 3650 days from two moments a little apart
-        [(_, ours_at)] = ours.zrange("rq:scheduled:q", 0, -1, withscores=True)
-        [(_, native_at)] = native.zrange("rq:scheduled:q", 0, -1, withscores=True)
+        [(_, ours_at)] = ours.zrange(LAYOUT.scheduled("q"), 0, -1, withscores=True)
+        [(_, native_at)] = native.zrange(LAYOUT.scheduled("q"), 0, -1, withscores=True)
         assert 0 <= ours_at - native_at <= 60

@@ -11,7 +11,12 @@ from typing import Any
 
 import redis
 
-from spillover.settings import FENCE_PREFIX, LEGACY_MARKER_PREFIX, MARKER_PREFIX, PROBE_KEY
+from spillover.rq_keys import KeyLayout, environment_prefix
+
+#: RQ's keys (and spillover's) in this process: RQ_KEY_PREFIX, as RQ 3 reads it.
+LAYOUT = KeyLayout(environment_prefix())
+MARKER_PREFIX, LEGACY_MARKER_PREFIX = LAYOUT.marker_prefix, LAYOUT.legacy_marker_prefix
+FENCE_PREFIX, PROBE_KEY = LAYOUT.fence_prefix, LAYOUT.probe
 
 TESTS = Path(__file__).parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -32,7 +37,7 @@ def snapshot(client: redis.Redis, keep_markers: bool = False, relative_schedule:
     state: dict[str, Any] = {}
     for raw in sorted(client.keys("*")):
         key = raw.decode()
-        if key == PROBE_KEY or (key.startswith(MARKER_KEYS) and not keep_markers):
+        if key.endswith("spillover:probe") or (key.startswith(MARKER_KEYS) and not keep_markers):
             continue
         kind = client.type(raw).decode()
         value: Any
@@ -63,8 +68,10 @@ def env_with_tests() -> dict[str, str]:
     return env
 
 
-def replay_once(database_url: str, redis_url: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The real `spillover-replay --once` command."""
+def replay_once(
+    database_url: str, redis_url: str, *extra: str, check: bool = True, without: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """The real `spillover-replay --once` command (``without`` these environment variables)."""
     cmd = [
         sys.executable,
         "-m",
@@ -78,7 +85,8 @@ def replay_once(database_url: str, redis_url: str, *extra: str, check: bool = Tr
         "WARNING",
         *extra,
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env_with_tests(), timeout=120)
+    env = {name: value for name, value in env_with_tests().items() if name not in without}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     if check:
         assert done.returncode == 0, f"spillover-replay --once exited {done.returncode}: {done.stderr[-3000:]}"
     return done

@@ -34,3 +34,9 @@ def read_order(database_url: str, order_id: int) -> str:
         item = conn.execute(text("SELECT item FROM orders WHERE id = :id"), {"id": order_id}).scalar()
     engine.dispose()
     return record(item or "missing")
+
+
+def append_line(path: str, line: str) -> None:
+    """Append ``line`` to the file at ``path``: the order jobs ran in, readable after the worker exits."""
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(line + "\n")

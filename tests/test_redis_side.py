@@ -72,7 +72,7 @@ def test_rq_key_names_are_rqs():
         from rq.group import Group
     except ImportError:  # pragma: no cover - RQ without groups
         return
-    assert Group.REDIS_GROUP_NAME_PREFIX == keys.group_prefix and Group.REDIS_GROUP_KEY == keys.groups
+    assert keys.group_prefix == Group.REDIS_GROUP_NAME_PREFIX and keys.groups == Group.REDIS_GROUP_KEY
     try:
         from rq.rate_limit import RateLimitRegistry
     except ImportError:  # RQ 2 has no rate limits
