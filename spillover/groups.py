@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.queue import EnqueueData
 
 from .queue import Queue
+from .transaction import TransactionalQueue
 
 __all__ = ["Group"]
 
@@ -25,6 +26,6 @@ class Group(RQGroup):
     """Drop-in ``rq.group.Group`` (``Group.create(connection=...)``, ``group.enqueue_many(queue, datas)``)."""
 
     def enqueue_many(self, queue: Any, job_datas: Iterable[EnqueueData], pipeline: Pipeline | None = None) -> list[Job]:
-        if isinstance(queue, Queue) and pipeline is None:
+        if isinstance(queue, (Queue, TransactionalQueue)) and pipeline is None:
             return queue.enqueue_many_into(job_datas, self.name, join_group=True)
         return list(super().enqueue_many(queue, job_datas, pipeline=pipeline))

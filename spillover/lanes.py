@@ -126,7 +126,9 @@ class SpillLane:
     def push_own(self, rows: list[OutboxRow], read_at: float) -> bool:
         """Push this producer's remaining rows into RQ and remove them; False if any is left."""
         result = self.pusher.push(self.queue, rows, read_at=read_at)
-        pushed = self.outbox.mark_skipped(rows, result.codes)  # less unique ones whose id Redis had
+        pushed = rows[: len(result.codes)]
+        skipped = self.outbox.mark_skipped(self.queue, [(row.id, row.job_id) for row in pushed], result.codes)
+        pushed = [row for row in pushed if row.id not in skipped]  # unique ones whose id Redis had: kept, skipped
         if pushed:
             self.outbox.mark_delivered([row.id for row in pushed], keep=False)
             self.server.settler(self.pusher.layout).gone([(row.job_id, row.delivery) for row in pushed])

@@ -402,28 +402,26 @@ class Outbox(OperatorQueries):
                 conn.execute(update(outbox).where(outbox.c.id == row_id).values(state=DEAD))
         return dead
 
-    def mark_skipped(self, rows: Sequence[OutboxRow], codes: Sequence[int]) -> list[OutboxRow]:
-        """Of pushed ``rows`` (with the push's ``codes``), keep the unique=True ones whose job id Redis had
-        as ``skipped`` (with why: ``status`` shows them, purged after a while); return the others."""
-        skipped = [row for row, code in zip(rows, codes, strict=False) if code == EXISTS]
+    def mark_skipped(self, queue: str, pushed: Sequence[tuple[int, str]], codes: Sequence[int]) -> set[int]:
+        """Of pushed (row id, job id) pairs, with the push's ``codes``, keep the unique=True ones whose job id
+        Redis had as ``skipped`` (with why: ``status`` shows them, purged after a while); their row ids."""
+        skipped = [(row_id, job_id) for (row_id, job_id), code in zip(pushed, codes, strict=False) if code == EXISTS]
         if not skipped:
-            return list(rows[: len(codes)])
+            return set()
         with self._transaction() as conn:
             conn.execute(
                 update(outbox)
-                .where(outbox.c.id.in_([row.id for row in skipped]))
+                .where(outbox.c.id.in_([row_id for row_id, _ in skipped]))
                 .values(state=SKIPPED, last_error=UNIQUE_SKIPPED_REASON, updated_at=func.now())
             )
-        queue = skipped[0].queue
         metrics.UNIQUE_SKIPPED.labels(queue).inc(len(skipped))
         log.warning(
             "queue %s: %d unique job(s) already in redis, not enqueued (kept as skipped rows): %s",
             queue,
             len(skipped),
-            ", ".join(row.job_id for row in skipped[:10]),
+            ", ".join(job_id for _, job_id in skipped[:10]),
         )
-        gone = {row.id for row in skipped}
-        return [row for row in rows[: len(codes)] if row.id not in gone]
+        return {row_id for row_id, _ in skipped}
 
     def mark_dead(self, row_id: int, error: str) -> None:
         with self._transaction() as conn:

@@ -382,17 +382,17 @@ class _WithinWriter(Queue):
     def enqueue_job(
         self, job: Job, pipeline: Pipeline | None = None, at_front: bool = False, unique: bool = False
     ) -> Job:
-        refuse_within(pipeline=pipeline, unique=unique, is_async=self._is_async)
-        return super().enqueue_job(job, at_front=at_front)
+        refuse_within(pipeline=pipeline, is_async=self._is_async)
+        return super().enqueue_job(job, at_front=at_front, unique=unique)  # unique: decided when pushed
 
     def schedule_job(self, job: Job, datetime: datetime, pipeline: Pipeline | None = None, unique: bool = False) -> Job:
-        refuse_within(pipeline=pipeline, unique=unique, is_async=True)
-        return super().schedule_job(job, datetime)
+        refuse_within(pipeline=pipeline, is_async=True)
+        return super().schedule_job(job, datetime, unique=unique)
 
     def enqueue_many(
         self, job_datas: Iterable[EnqueueData], pipeline: Pipeline | None = None, group_id: str | None = None
     ) -> list[Job]:
-        refuse_within(pipeline=pipeline, unique=False, is_async=self._is_async)
+        refuse_within(pipeline=pipeline, is_async=self._is_async)
         return super().enqueue_many(job_datas, group_id=group_id)
 
     def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:

@@ -366,7 +366,7 @@ class Replayer:
                         self.pusher.clock.forget()
                         rows, read_at = fetch()
                         continue
-                    confirmed = self._skip_existing(good, result.codes)
+                    confirmed = self._skip_existing(queue, good, result.codes)
                     moved += len(result.codes)
                     self._count(queue, result.codes)
                     if result.error is not None:
@@ -417,11 +417,12 @@ class Replayer:
         for _, settler in self._by_layout.values():
             settler.flush()
 
-    def _skip_existing(self, rows: list[OutboxRow], codes: list[int]) -> list[OutboxRow]:
+    def _skip_existing(self, queue: str, rows: list[OutboxRow], codes: list[int]) -> list[OutboxRow]:
         """The rows the push processed, less unique ones whose id Redis had (kept as skipped, counted)."""
-        taken = self.outbox.mark_skipped(rows, codes)
-        self.stats.skipped += min(len(rows), len(codes)) - len(taken)
-        return taken
+        processed = rows[: len(codes)]
+        skipped = self.outbox.mark_skipped(queue, [(row.id, row.job_id) for row in processed], codes)
+        self.stats.skipped += len(skipped)
+        return [row for row in processed if row.id not in skipped] if skipped else processed
 
     def _fence(self, group: Group, lease: QueueLease, pusher: Pusher) -> Fence | None:
         """The fence of this holding of ``group``'s lease, raised in Redis before its first batch; None if

@@ -94,6 +94,7 @@ class Producing(Protocol):
     """What a TransactionalQueue needs of the ``spillover.Queue`` it writes for."""
 
     name: str
+    connection: Any  # its Redis client
 
     def lane_within(self, engine: Engine) -> SpillLane: ...
 
@@ -151,6 +152,18 @@ class TransactionalQueue:
         self, job_datas: Iterable[EnqueueData], pipeline: Pipeline | None = None, group_id: str | None = None
     ) -> list[Job]:
         return self._writer.enqueue_many(job_datas, pipeline=pipeline, group_id=group_id)
+
+    def enqueue_many_into(
+        self, job_datas: Iterable[EnqueueData], group_id: str | None, *, join_group: bool
+    ) -> list[Job]:
+        """``Queue.enqueue_many_into`` in the transaction (spillover.Group uses it)."""
+        writer: Any = self._writer  # a spillover Queue (queue._WithinWriter); typed as rq's to avoid the import
+        return list(writer.enqueue_many_into(job_datas, group_id, join_group=join_group))
+
+    @property
+    def connection(self) -> Any:
+        """The queue's Redis connection (RQ's Group.create takes it)."""
+        return self.queue.connection
 
     prepare_data = staticmethod(rq.Queue.prepare_data)  # builds enqueue_many's items, as on a Queue
 
@@ -220,11 +233,9 @@ class TransactionalQueue:
         return bind
 
 
-def refuse_within(*, pipeline: Any, unique: bool, is_async: bool) -> None:
+def refuse_within(*, pipeline: Any, is_async: bool) -> None:
     if pipeline is not None:
         raise ConfigurationError("pipeline= cannot be used within a transaction: the job is written to the outbox")
-    if unique:
-        raise ConfigurationError("unique=True cannot be used within a transaction: it is decided in Redis at once")
     if not is_async:
         raise ConfigurationError("an is_async=False queue runs jobs at once; it cannot enqueue within a transaction")
 
@@ -369,6 +380,9 @@ def _push(items: list[_Written], read_at: float | None) -> None:
             before_push()
         result = lane.pusher.push(lane.queue, rows, read_at=read_at)
         pushed = items[: len(result.codes)]
+        pairs = [(item.row_id, item.row.job_id) for item in pushed]
+        skipped = lane.outbox.mark_skipped(lane.queue, pairs, result.codes)  # unique, id in Redis: kept, skipped
+        pushed = [item for item in pushed if item.row_id not in skipped]
         settler = lane.server.settler(lane.pusher.layout)
         _deleter(lane.outbox).add([(item.row_id, item.row.job_id, item.row.delivery, settler) for item in pushed])
         metrics.COMMITTED_PUSHED.labels(lane.queue).inc(len(pushed))

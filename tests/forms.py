@@ -104,7 +104,7 @@ def enqueue_many_group_id(q: Any) -> None:
 
 def group(q: Any) -> None:
     """RQ's Group.enqueue_many: the jobs and the Group keys (spillover.Group through a spillover Queue)."""
-    group_class = spillover.Group if isinstance(q, spillover.Queue) else Group
+    group_class = spillover.Group if isinstance(q, (spillover.Queue, spillover.TransactionalQueue)) else Group
     batch = group_class.create(connection=q.connection, name="batch-7")
     batch.enqueue_many(q, [q.prepare_data(jobs.noop, (i,), job_id=f"grouped-{i}") for i in range(3)])
 

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 from spillover import migrate
 
 #: Released versions and their commits; the schema revision each left its outbox at is in the README.
-RELEASES = {"0.1.0": "18d8f1a", "0.2.0": "28fef6c", "0.3.0": "9da488e"}
+RELEASES = {"0.1.0": "18d8f1a", "0.2.0": "28fef6c", "0.3.0": "9da488e", "0.4.0": "7a8d2e5"}
 
 
 def release_tree(version: str) -> Path:

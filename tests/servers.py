@@ -168,3 +168,137 @@ def create_database(server_url: str) -> str:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+class RedisCluster:
+    """A real Redis Cluster: ``masters`` masters with one replica each, on free ports (bus ports +10000).
+
+    Ready when every node says cluster_state:ok, the masters are known as such and every replica's
+    link is up (``redis-cli --cluster create`` returns before replicas have synced).
+    """
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.dir = workdir / f"cluster-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir()
+        self.masters = masters
+        self.ports = _free_cluster_ports(masters * 2)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        for port in self.ports:
+            self.procs[port] = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--appendonly",
+                    "no",
+                    "--save",
+                    "",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--dir",
+                    str(self.dir),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        for port in self.ports:
+            _wait_pong(port)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{port}" for port in self.ports],
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not become ready")
+            time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        for port in self.alive():
+            client = redis.Redis(port=port, decode_responses=True)
+            if client.cluster("info")["cluster_state"] != "ok":
+                return False
+            nodes = client.cluster("nodes")
+            if sum("master" in node["flags"] for node in nodes.values()) != self.masters:
+                return False
+            replication = client.info("replication")
+            if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                return False
+        return True
+
+    def alive(self) -> list[int]:
+        return [port for port, proc in self.procs.items() if proc.poll() is None]
+
+    def slot_master(self, key: str) -> int | None:
+        """The port of the online master serving ``key``'s slot, as the surviving nodes say."""
+        for port in self.alive():
+            try:
+                client = redis.Redis(port=port, socket_timeout=0.5, decode_responses=True)
+                slot = client.cluster("keyslot", key)
+                for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                    if start <= slot <= end and master[1] in self.alive():
+                        return int(master[1])
+            except redis.RedisError:
+                continue
+        return None
+
+    def replica_of(self, master: int) -> int:
+        info = redis.Redis(port=master, decode_responses=True).info("replication")
+        return int(info["slave0"]["port"])
+
+    def kill(self, port: int) -> None:
+        self.procs[port].kill()
+        self.procs[port].wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_cluster_ports(count: int) -> list[int]:
+    """``count`` ports whose cluster bus ports (+10000) are free too."""
+    found: list[int] = []
+    while len(found) < count:
+        port = free_port()
+        if port + 10000 > 65535 or port in found:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        found.append(port)
+    return found
+
+
+def _wait_pong(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.ConnectionError):
+            if redis.Redis(port=port, socket_timeout=0.5).ping():
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"redis-server on {port} did not start")

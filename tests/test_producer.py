@@ -17,6 +17,8 @@ from spillover import BacklogFull, Outbox, OutboxNotMigrated, OutboxUnavailable,
 from spillover.faultproxy import FaultProxy
 from spillover.settings import MARKER_PREFIX
 
+pytestmark = pytest.mark.rq_facing  # CI runs it under both RQ majors
+
 
 def dead_redis() -> redis.Redis:
     """A default-constructed client for a port nobody listens on."""

@@ -9,6 +9,8 @@ from redis.connection import SSLConnection, UnixDomainSocketConnection
 from spillover import ConfigurationError, redis_from_url
 from spillover.redis_side import bounded_client, is_outage, server_key
 
+pytestmark = pytest.mark.rq_facing  # CI runs it under both RQ majors
+
 
 def test_tls_and_unix_socket_clients_stay_tls_and_unix():
     tls = bounded_client(redis.Redis.from_url("rediss://:pw@cache.internal:6380/2?ssl_cert_reqs=required"), 0.5)

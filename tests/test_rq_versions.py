@@ -221,3 +221,23 @@ def test_rq3_checks_are_kept(redis_server, sqlite_url):
     with pytest.raises(ValueError, match="appears more than once"):
         q.enqueue_many([q.prepare_data(jobs.noop, job_id="same"), q.prepare_data(jobs.noop, job_id="same")])
     assert not redis_server.client().exists("rq:job:x", "rq:job:same")
+
+
+def test_unique_within_a_transaction_is_decided_when_pushed_at_commit(redis_server, sqlite_url):
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    client = redis_server.client()
+    rq.Queue("tx", connection=client).enqueue(jobs.noop, "first", job_id="taken")
+    q = Queue("tx", connection=client, outbox=sqlite_url)
+    engine = create_engine(sqlite_url)
+    with Session(engine) as session, session.begin():
+        session.connection()
+        taken = q.within(session).enqueue(jobs.noop, "second", job_id="taken", unique=True)
+        fresh = q.within(session).enqueue(jobs.noop, job_id="fresh-u", unique=True)
+        assert not client.exists("rq:job:fresh-u"), "nothing in Redis before the commit"
+    assert (taken.id, fresh.id) == ("taken", "fresh-u")
+    assert client.lrange("rq:queue:tx", 0, -1) == [b"taken", b"fresh-u"]
+    assert rq.job.Job.fetch("taken", connection=client).args == ("first",)
+    [entry] = [e for e in Outbox(sqlite_url).queue_stats() if e["queue"] == "tx"]
+    assert (entry["pending"], entry["skipped"]) == (0, 1)

@@ -109,7 +109,9 @@ def finish_producers(procs: list[subprocess.Popen[str]], timeout: float = 120) -
     return reports
 
 
-def start_replayer(database_url: str, redis_url: str, *extra: str, tree: Path | None = None) -> subprocess.Popen[str]:
+def start_replayer(
+    database_url: str, redis_url: str, *extra: str, tree: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -126,8 +128,11 @@ def start_replayer(database_url: str, redis_url: str, *extra: str, tree: Path | 
         "1",
         *extra,
     ]
-    env = env_with_tests() if tree is None else env_for(tree)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if env is None:
+        env = env_with_tests() if tree is None else env_for(tree)
+    # From the release's own directory: ``-m`` puts the working directory first on sys.path, and from
+    # this checkout's root that would import this checkout's spillover instead of the release's.
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
 
 
 def stop(proc: subprocess.Popen[str]) -> str:

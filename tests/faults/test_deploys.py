@@ -3,15 +3,19 @@
 Every acknowledged job of every producer reaches RQ exactly once, in its producer's order; no
 producer's enqueue fails at any point of the deploy; an old replayer running beside a new one
 does not push a job twice (0.3's markers are keyed by job id, 0.4's by delivery id). The previous
-releases are built from git history (releases.py).
+releases are built from git history (releases.py). They pin rq<3: these tests run under RQ 2
+(``.ci/run`` runs them in ``.venv-rq2``) and are skipped under RQ 3.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from checks import Producers, assert_exactly_once_in_order, start_replayer, stop, wait_drained
 from helpers import http_get, wait_for
-from releases import alembic_upgrade, release_tree
+from releases import alembic_upgrade, env_for, release_tree
 from servers import create_database, free_port
 from sqlalchemy import create_engine, inspect, text
 
@@ -44,12 +48,17 @@ def _target_is_not_null(url: str) -> bool:
         engine.dispose()
 
 
-@pytest.mark.parametrize("previous", ["0.1.0", "0.2.0", "0.3.0"])
+pytestmark = pytest.mark.previous_release
+
+REVISION = {"0.1.0": "0001", "0.2.0": "0002", "0.3.0": "0003", "0.4.0": "0004"}
+
+
+@pytest.mark.parametrize("previous", ["0.1.0", "0.2.0", "0.3.0", "0.4.0"])
 def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, empty_outbox_url, tmp_path):
     url = empty_outbox_url
     old = release_tree(previous)
     alembic_upgrade(old, url)  # the outbox as the previous release left it: 0001, or 0002 in its first form
-    assert _revision(url) == {"0.1.0": "0001", "0.2.0": "0002", "0.3.0": "0003"}[previous]
+    assert _revision(url) == REVISION[previous]
     if previous == "0.2.0":
         assert _target_is_not_null(url), "0.2.0's own 0002 made target NOT NULL: the form 0003 must repair"
 
@@ -67,7 +76,7 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
         assert _revision(url) == "0002" and not _target_is_not_null(url)
         producers.wait(spilled=100)
     alembic_upgrade(None, url, SPILLOVER_TARGET="", SPILLOVER_REDIS_URL="")
-    assert _revision(url) == "0004" and not _target_is_not_null(url)
+    assert _revision(url) == "0005" and not _target_is_not_null(url)
     producers.wait(spilled=200)  # all of them, old ones too, spill on into the new schema
 
     server.start()
@@ -84,3 +93,42 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
         stop(replayer)
     assert_exactly_once_in_order(server.client(), url, enqueued)
     assert max(report["max"] for report in reports) < 5.0, reports  # nobody waited long on the migration
+
+
+def test_a_previous_replayer_leaves_rows_with_a_key_prefix_to_this_release(redis_server, sqlite_url):
+    """0.4 knows no RQ_KEY_PREFIX: the prefix in the stored target keeps its replayer off such rows (it would
+    write them under ``rq:``, where no worker of the prefix looks); this release drains them under it."""
+    from spillover import Outbox
+    from spillover.stored_job import SpilledJob, encode_hash, new_delivery_id
+
+    outbox = Outbox(sqlite_url)
+    row = SpilledJob("tests#{app}", "pf", "prefixed-job", encode_hash({"status": "queued"}), delivery=new_delivery_id())
+    outbox.append([row])
+    old = release_tree("0.4.0")
+    for tree in (old, None):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "spillover.cli_replay",
+                "--once",
+                "--database-url",
+                sqlite_url,
+                "--redis-url",
+                redis_server.url,
+                "--target",
+                "tests",
+            ],
+            capture_output=True,
+            text=True,
+            env=env_for(tree),
+            cwd=tree,  # -m imports from the working directory first: the release's own, for the release
+            timeout=120,
+        )
+        client = redis_server.client()
+        if tree is old:
+            assert outbox.pending_count() == 1 and not client.keys("rq:*"), "0.4 left it alone"
+            assert "tests#{app}" in done.stderr, "and said whose rows they are"
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert outbox.pending_count() == 0
+    assert client.lrange("{app}:queue:pf", 0, -1) == [b"prefixed-job"] and not client.keys("rq:*")

@@ -7,6 +7,8 @@ from releases import release_tree
 from servers import create_database
 from upgrade_load import upgrade_under_load
 
+pytestmark = pytest.mark.previous_release  # 0.1.0 producers (rq<3): run under RQ 2
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def fresh_url(request: pytest.FixtureRequest, tmp_path) -> str:
