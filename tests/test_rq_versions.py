@@ -239,5 +239,7 @@ def test_unique_within_a_transaction_is_decided_when_pushed_at_commit(redis_serv
     assert (taken.id, fresh.id) == ("taken", "fresh-u")
     assert client.lrange("rq:queue:tx", 0, -1) == [b"taken", b"fresh-u"]
     assert rq.job.Job.fetch("taken", connection=client).args == ("first",)
+    # the pushed row is deleted off the commit's path, the skipped one kept
+    wait_for(lambda: Outbox(sqlite_url).pending_count() == 0, timeout=5)
     [entry] = [e for e in Outbox(sqlite_url).queue_stats() if e["queue"] == "tx"]
     assert (entry["pending"], entry["skipped"]) == (0, 1)
