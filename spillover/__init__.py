@@ -20,7 +20,7 @@ from .errors import (
 from .outbox import Outbox
 from .redis_side import redis_from_url
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 if TYPE_CHECKING:
     from .groups import Group
