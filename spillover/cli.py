@@ -27,7 +27,8 @@ from .metrics import register_backlog
 from .outbox import Outbox
 from .redis_side import client_from_url, is_outage, probe_write, resolve_target
 from .replayer import ReplayConfig, Replayer
-from .targets import UNTARGETED, TargetMatcher, is_host_local_name, setting_for
+from .rq_keys import display_target
+from .targets import UNTARGETED, TargetMatcher, is_host_local_name, server_part, setting_for
 
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
 
@@ -332,7 +333,8 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
     outbox = Outbox(database_url, max_backlog=0)
     outbox.check_schema()
     queues = outbox.queue_stats()
-    drainers = {(lease.target, lease.queue): lease.holder for lease in live_leases(outbox.engine)}
+    # by lease name as people name it: a Redis's leases of 0.4 ("tests") and of 0.5 ("tests#rq") alike
+    drainers = {(str(display_target(lease.target)), lease.queue): lease.holder for lease in live_leases(outbox.engine)}
     targets: dict[str, dict[str, Any]] = {}
     for entry in queues:
         name = entry["target"] or UNTARGETED
@@ -358,7 +360,7 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
         "redis": {"url": settings.redact(redis_url), "state": redis_state},
         "target": mine,
         "targets": [
-            {**totals, "this": name is not None and same_redis.same_server(name)}
+            {**totals, "this": name is not None and same_redis.same_server(server_part(name))}
             for name, totals in sorted(targets.items(), key=_by_name)
         ],
         "queues": queues,
@@ -367,7 +369,7 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
         ],
         "unclaimed": [
             {
-                "target": u.group.target,
+                "target": display_target(u.group.target),
                 "host": u.group.host,
                 "queues": list(u.queues),
                 "pending": u.rows,
@@ -396,7 +398,7 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool)
                 f"other target {entry['target']}: {entry['pending']} pending, {entry['dead']} dead (not this Redis)"
             )
     for u in stranded:
-        name = u.group.target or "(no target)"
+        name = display_target(u.group.target) or "(no target)"
         host = f" written on host {u.group.host}" if u.group.host else ""
         click.echo(
             f"UNCLAIMED: {u.rows} pending row(s) of target {name}{host} in {', '.join(u.queues)} "

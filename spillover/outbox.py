@@ -24,6 +24,7 @@ from .errors import BacklogFull, OutboxNotMigrated
 from .outbox_admin import OperatorQueries
 from .outbox_engine import create_outbox_engine, dispose_in_child, is_missing_table, producer_id
 from .pusher import EXISTS
+from .rq_keys import DEFAULT_LAYOUT, split_target, stored_target
 from .schema import DEAD, DONE, PENDING, SKIPPED, outbox, queue_lease, replayer_registry
 from .stored_job import SpilledJob
 
@@ -168,10 +169,7 @@ class Outbox(OperatorQueries):
     def _insert(self, rows: list[tuple[Any, ...]]) -> list[int]:
         shape = self.shape()
         if shape != FULL_SHAPE:
-            if not shape.options and any(row[2] is not None for row in rows):
-                raise OutboxNotMigrated(
-                    "spillover_outbox", "the outbox has no options column for this job's RQ options (unique, group)"
-                )
+            refuse_unstorable(shape.target, shape.options, [(row[0], row[2]) for row in rows])
             rows = [shape.pick(row) for row in rows]
         sql = _insert_sql(1 if self._is_sqlite else len(rows), self._is_sqlite, shape)
 
@@ -283,8 +281,8 @@ class Outbox(OperatorQueries):
         query = select(func.count()).select_from(outbox).where(outbox.c.state == PENDING)
         if queue is not None:
             query = query.where(outbox.c.queue == queue)
-        if target is not None:
-            query = query.where(outbox.c.target == target)
+        if target is not None:  # as people name it: its rows of 0.4 and of this release (``target#rq``)
+            query = query.where(outbox.c.target.in_((target, stored_target(target, DEFAULT_LAYOUT))))
         with self._transaction(read_only=True) as conn:
             return int(conn.scalar(query) or 0)
 
@@ -437,6 +435,24 @@ class Outbox(OperatorQueries):
         with self._transaction() as conn:
             result = conn.execute(delete(outbox).where(outbox.c.state == state, outbox.c.updated_at < cutoff))
             return result.rowcount or 0
+
+
+def refuse_unstorable(has_target: bool, has_options: bool, rows: Sequence[tuple[str | None, str | None]]) -> None:
+    """OutboxNotMigrated if a row (stored target, options) needs a column the outbox lacks yet.
+
+    Rows of a table without ``target`` (0001) are replayed by whichever replayer adopts them, under
+    ``rq:``; without ``options`` (before 0005) a row would lose them. Such rows are refused, never
+    stored without what they need: the caller gets the exception and nothing is written.
+    """
+    for target, options in rows:
+        if options is not None and not has_options:
+            raise OutboxNotMigrated(
+                "spillover_outbox", "the outbox has no options column for this job's RQ options (unique, group, ...)"
+            )
+        if target is not None and not has_target and split_target(target)[1] != DEFAULT_LAYOUT:
+            raise OutboxNotMigrated(
+                "spillover_outbox", f"the outbox has no target column to keep this job's RQ key prefix ({target!r})"
+            )
 
 
 def _seconds_ago(engine: Engine, seconds: float) -> Any:

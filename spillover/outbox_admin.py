@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
 
+from .rq_keys import display_target
 from .schema import DEAD, PENDING, SKIPPED, outbox
 
 
@@ -32,7 +33,8 @@ class OperatorQueries:
         found: dict[str | None, dict[str, int]] = {}
         with self._transaction(read_only=True) as conn:
             for target, queue, count in conn.execute(query):
-                found.setdefault(target, {})[queue] = int(count)
+                queues = found.setdefault(display_target(target), {})
+                queues[queue] = queues.get(queue, 0) + int(count)
         return found
 
     def queue_stats(self) -> list[dict[str, Any]]:
@@ -41,18 +43,20 @@ class OperatorQueries:
         query = select(outbox.c.target, outbox.c.queue, outbox.c.state, func.count(), age).group_by(
             outbox.c.target, outbox.c.queue, outbox.c.state
         )
-        stats: dict[tuple[str, str], dict[str, Any]] = {}
+        stats: dict[tuple[str | None, str], dict[str, Any]] = {}
         with self._transaction(read_only=True) as conn:
-            for target, queue, state, count, oldest in conn.execute(query):
+            for stored, queue, state, count, oldest in conn.execute(query):
+                target = display_target(stored)  # rows of 0.4 ("tests") and of this release ("tests#rq") together
                 empty = {"target": target, "queue": queue, "pending": 0, "oldest_age_s": None, "dead": 0, "skipped": 0}
                 entry = stats.setdefault((target, queue), empty)
                 if state == PENDING:
-                    entry["pending"] = int(count)
-                    entry["oldest_age_s"] = round(float(oldest), 1)
+                    entry["pending"] += int(count)
+                    seconds = round(float(oldest), 1)
+                    entry["oldest_age_s"] = max(seconds, entry["oldest_age_s"] or 0.0)
                 elif state == DEAD:
-                    entry["dead"] = int(count)
+                    entry["dead"] += int(count)
                 elif state == SKIPPED:
-                    entry["skipped"] = int(count)
+                    entry["skipped"] += int(count)
         return [stats[key] for key in sorted(stats, key=lambda key: (key[0] or "", key[1]))]
 
     def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -89,12 +93,31 @@ class OperatorQueries:
         """Name ``new`` as the Redis of the pending rows of ``old`` (None: rows with no target), from ``host`` only
         if given; how many. For rows no replayer can recognise: written on a host that is gone, or given a
         wrong target by an old migration."""
-        query = update(outbox).where(outbox.c.state == PENDING)
-        query = query.where(outbox.c.target.is_(None) if old is None else outbox.c.target == old)
-        if host is not None:
-            query = query.where(func.substr(outbox.c.producer, 1, len(host) + 1) == f"{host}:")
+        pending = self.pending_by_target_as_stored()
+        renames: dict[str | None, str]
+        if old is None:
+            renames = {None: new}
+        else:  # ``old`` as people name it, or as stored: each stored name keeps its key prefix
+            renames = {
+                stored: new + stored[len(display_target(stored) or "") :]
+                for stored in pending
+                if stored is not None and old in (stored, display_target(stored))
+            }
+        moved = 0
         with self._transaction() as conn:
-            return conn.execute(query.values(target=new, updated_at=func.now())).rowcount or 0
+            for stored, renamed in renames.items():
+                query = update(outbox).where(outbox.c.state == PENDING)
+                query = query.where(outbox.c.target.is_(None) if stored is None else outbox.c.target == stored)
+                if host is not None:
+                    query = query.where(func.substr(outbox.c.producer, 1, len(host) + 1) == f"{host}:")
+                moved += conn.execute(query.values(target=renamed, updated_at=func.now())).rowcount or 0
+        return moved
+
+    def pending_by_target_as_stored(self) -> set[str | None]:
+        """The stored targets (with their key prefixes) that have pending rows."""
+        query = select(outbox.c.target).where(outbox.c.state == PENDING).distinct()
+        with self._transaction(read_only=True) as conn:
+            return {target for (target,) in conn.execute(query)}
 
     def purge_dead(self, row_id: int | None) -> int:
         query = delete(outbox).where(outbox.c.state == DEAD)

@@ -174,6 +174,7 @@ class Pusher:
     ) -> None:
         self.client = client
         self.layout = layout
+        self._rate_us = 0
         self.clock = clock or RedisClock(client)
         self.backstop_ms = max(1, int(backstop * 1000))
         self.window_ms = max(1, int(window * 1000))
@@ -214,6 +215,9 @@ class Pusher:
             return PendingPush(self, None, [], PushResult(error=exc, sent=False))
         keys = self.layout
         wall = time.time()  # what RQ stamps from the client's clock: rate-limit scores and enqueued_at
+        # Rate-limited rows wait in order of their scores (µs): this process's pushes never go back in
+        # time (the script adds 1 µs per such row to the score it is given).
+        score = self._rate_us = max(int(wall * 1_000_000), self._rate_us + len(rows))
         args: list[Any] = [
             keys.queue(queue),
             keys.queues,
@@ -231,7 +235,7 @@ class Pusher:
             keys.rate_limit_keys,
             keys.group_prefix,
             keys.groups,
-            int(wall),
+            score,
             rq_timestamp(wall),
             pack_rows(rows),
         ]

@@ -31,7 +31,7 @@ from .health import RedisHealth
 from .lanes import OutboxLike, SpillLane, lane_for, resolve_outbox, server_for
 from .pusher import DEFERRED, EXISTS, QUEUED, Pusher
 from .redis_side import resolve_target
-from .rq_keys import KeyLayout, layout_of_queue, stored_target
+from .rq_keys import DEFAULT_PREFIX, KeyLayout, layout_of_queue, stored_target
 from .stored_job import SpilledJob, encode_hash, new_delivery_id, schedule_timestamp
 from .transaction import TransactionalQueue, refuse_within
 
@@ -92,7 +92,10 @@ class Queue(rq.Queue):
         super().__init__(name, connection, *args, **kwargs)
         #: RQ's key names for this queue and its job class (one prefix: ConfigurationError otherwise).
         self.key_layout: KeyLayout = layout_of_queue(
-            self.redis_queue_namespace_prefix, self.job_class.redis_job_namespace_prefix, self.redis_queues_keys
+            self.redis_queue_namespace_prefix,
+            self.job_class.redis_job_namespace_prefix,
+            self.redis_queues_keys,
+            getattr(rq.defaults, "RQ_KEY_PREFIX", DEFAULT_PREFIX),  # RQ 2: always "rq"
         )
         self.outbox = resolve_outbox(outbox)
         #: The Redis this queue's spilled rows are meant for; replayers drain only their own target.
@@ -304,8 +307,7 @@ class Queue(rq.Queue):
         if job.timeout is None:
             job.timeout = self._default_timeout
         job._status = JobStatus(RATE_LIMITED_STATUS)  # only RQ 3 jobs have a rate limit
-        if at_front:
-            job.enqueue_at_front = True
+        # at_front: the script sets enqueue_at_front once it knows the job is not deferred, as RQ does
 
     def _row(
         self,
@@ -328,6 +330,8 @@ class Queue(rq.Queue):
             options["unique"] = True
         if group is not None:
             options["group"] = group
+        if _rate_limited(job):
+            options["rate_limit"] = True  # replayed right only by 0.5 and later: refused before 0005
         if job._dependency_ids:
             if many:
                 options["register"] = True

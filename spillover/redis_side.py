@@ -12,22 +12,26 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
+    ClusterDownError,
     ConnectionError,
     MaxConnectionsError,
+    MovedError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
     TimeoutError,
+    TryAgainError,
 )
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from . import settings
 from .errors import ConfigurationError
-from .rq_keys import DEFAULT_LAYOUT
+from .rq_keys import DEFAULT_LAYOUT, TARGET_PREFIX_SEPARATOR
 from .settings import redact
 from .targets import qualified_host
 
@@ -46,6 +50,9 @@ _UNAVAILABLE_REPLIES = (
     "BUSY ",
 )
 _NOT_AN_OUTAGE = (AuthenticationError, AuthorizationError, MaxConnectionsError)
+# A cluster node that no longer serves the slot (MOVED, ASK: a failover moved it), or a cluster that
+# cannot serve it now. redis-py raises these as classes of their own, without the reply's first word.
+_CLUSTER_UNAVAILABLE = (MovedError, AskError, ClusterDownError, TryAgainError)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -56,6 +63,8 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, _NOT_AN_OUTAGE):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError, BusyLoadingError, OutOfMemoryError, ReadOnlyError)):
+        return True
+    if isinstance(exc, _CLUSTER_UNAVAILABLE):
         return True
     if isinstance(exc, ResponseError):
         return is_outage_reply(str(exc))
@@ -143,6 +152,8 @@ def resolve_target(explicit: str | None, connection: redis.Redis) -> str:
     name = explicit or settings.target() or target_of(connection)
     if not name.strip() or len(name) > TARGET_MAX_LENGTH:
         raise ConfigurationError(f"a target name must be 1 to {TARGET_MAX_LENGTH} characters: {name!r}")
+    if TARGET_PREFIX_SEPARATOR in name:  # stored targets carry RQ's key prefix after it (rq_keys.stored_target)
+        raise ConfigurationError(f"a target name cannot contain {TARGET_PREFIX_SEPARATOR!r}: {name!r}")
     return name
 
 

@@ -21,8 +21,10 @@ from .errors import ConfigurationError
 DEFAULT_PREFIX = "rq"
 #: What RQ 3 accepts as a prefix (rq/defaults.py): it is spliced into templates and Lua source.
 _VALID_PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]+")
-#: Stored targets carry a non-default prefix after this separator (a character no prefix has).
+#: Stored targets carry RQ's key prefix after this separator (no prefix and no target name has it).
 TARGET_PREFIX_SEPARATOR = "#"
+#: The outbox's target column.
+STORED_TARGET_MAX_LENGTH = 255
 
 
 def validate_prefix(prefix: str, source: str = "RQ_KEY_PREFIX") -> str:
@@ -110,14 +112,14 @@ class KeyLayout:
 DEFAULT_LAYOUT = KeyLayout()
 
 
-def layout_of_queue(queue_prefix: str, job_prefix: str, queues_key: str) -> KeyLayout:
+def layout_of_queue(queue_prefix: str, job_prefix: str, queues_key: str, rq_prefix: str) -> KeyLayout:
     """The layout an ``rq.Queue`` (class or instance) and its job class write, or ConfigurationError.
 
-    RQ 3 derives every key from one prefix; a class that overrides one namespace alone writes a
-    layout spillover cannot reproduce key by key, so it is refused rather than spilled wrongly.
+    RQ 3 derives every key from one prefix (``rq_prefix``, RQ_KEY_PREFIX): its registries, rate limits
+    and groups always do. A class that overrides a namespace writes a layout spillover cannot
+    reproduce key by key, so it is refused rather than spilled wrongly.
     """
-    prefix = queue_prefix.removesuffix(":queue:")
-    layout = KeyLayout(validate_prefix(prefix, "queue key prefix"))
+    layout = KeyLayout(validate_prefix(rq_prefix))
     if (layout.queue_prefix, layout.job_prefix, layout.queues) != (queue_prefix, job_prefix, queues_key):
         raise ConfigurationError(
             "spillover writes RQ's keys under one prefix; this queue and job class use "
@@ -127,11 +129,30 @@ def layout_of_queue(queue_prefix: str, job_prefix: str, queues_key: str) -> KeyL
 
 
 def stored_target(target: str, layout: KeyLayout) -> str:
-    """The target a row records: with a non-default prefix appended, so that the prefix travels with the
-    row and a replayer of a release before 0.5 (which knows no prefix) leaves such rows alone."""
-    if layout.prefix == DEFAULT_PREFIX:
-        return target
-    return f"{target}{TARGET_PREFIX_SEPARATOR}{layout.prefix}"
+    """The target a row records: the Redis, then RQ's key prefix (``redis:6379/0#rq``).
+
+    The prefix travels with the row, so the replayer writes it under the producer's prefix. Always
+    present, the default one too: a replayer of a release before 0.5 (which knows no prefix, nor the
+    RQ options a row may carry, nor RQ 3's rate limits) finds no Redis of its own in such a name and
+    leaves the row to this release's replayer.
+    """
+    stored = f"{target}{TARGET_PREFIX_SEPARATOR}{layout.prefix}"
+    if len(stored) > STORED_TARGET_MAX_LENGTH:
+        raise ConfigurationError(
+            f"target and key prefix must fit {STORED_TARGET_MAX_LENGTH} characters together: {stored!r}"
+        )
+    return stored
+
+
+def display_target(stored: str | None) -> str | None:
+    """A stored target (or a lease name, ``target@host``) as people name it: without the default prefix,
+    which every row of this release carries; with any other prefix, as stored."""
+    if stored is None:
+        return None
+    default = TARGET_PREFIX_SEPARATOR + DEFAULT_PREFIX
+    if stored.endswith(default):
+        return stored[: -len(default)]
+    return stored.replace(default + "@", "@", 1)
 
 
 def split_target(stored: str) -> tuple[str, KeyLayout]:

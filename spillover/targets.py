@@ -150,7 +150,7 @@ class TargetMatcher:
 
     def host_local(self, target: str) -> bool:
         """Loopback and socket names mean a server on the producer's own host."""
-        address = parse(_server_part(target))
+        address = parse(server_part(target))
         if address is None:
             return False
         return address.kind == "unix" or self._resolver.is_loopback(address.where)
@@ -173,14 +173,14 @@ class TargetMatcher:
         return bool(resolver.addresses(theirs.where) & resolver.addresses(mine.where))
 
 
-def _server_part(target: str) -> str:
-    """A stored target without the key prefix it may carry."""
+def server_part(target: str) -> str:
+    """A stored target without the key prefix it may carry (the Redis it names)."""
     return target.rpartition(TARGET_PREFIX_SEPARATOR)[0] or target
 
 
 def is_host_local_name(target: str) -> bool:
     """A loopback or socket name, by its spelling alone (no lookup): for reports."""
-    address = parse(_server_part(target))
+    address = parse(server_part(target))
     return address is not None and (address.kind == "unix" or _is_loopback_literal(address.where))
 
 
@@ -192,7 +192,7 @@ def setting_for(group: Group) -> str:
             "one replayer alone on this outbox, of the Redis these rows were meant for (rows with no target are "
             f"adopted only while no replayer of another Redis runs){where}"
         )
-    server = _server_part(group.target)  # a replayer of that Redis drains its rows of every key prefix
+    server = server_part(group.target)  # a replayer of that Redis drains its rows of every key prefix
     address = parse(server)
     if address is None:
         return f"a replayer with --target {server!r}{where}"

@@ -39,7 +39,7 @@ from . import lanes, metrics
 from .errors import ConfigurationError, NotInTransaction, OutboxNotMigrated
 from .lanes import SpillLane
 from .markers import Settler
-from .outbox import Outbox, is_missing_table, producer_id
+from .outbox import Outbox, is_missing_table, producer_id, refuse_unstorable
 from .schema import outbox as outbox_table
 from .stored_job import SpilledJob
 from .sweeper import Sweeper
@@ -189,10 +189,8 @@ class TransactionalQueue:
             }
             for row in rows
         ]
-        if "options" in missing and any(row.options is not None for row in rows):
-            raise OutboxNotMigrated(
-                outbox_table.name, "the outbox has no options column for this job's RQ options (unique, group)"
-            )
+        if missing:
+            refuse_unstorable("target" not in missing, "options" not in missing, [(r.target, r.options) for r in rows])
         for param in params if missing else ():
             for column in missing:
                 del param[column]

@@ -130,6 +130,9 @@ def rate_limit(q: Any) -> None:
     for i in range(3):
         q.enqueue(jobs.noop, i, job_id=f"limited-{i}", rate_limit=rq.RateLimit("api", concurrency=2))
     q.enqueue(jobs.noop, job_id="limited-front", at_front=True, rate_limit=rq.RateLimit("other", concurrency=1))
+    # deferred first (its parent is queued): RQ marks it for the front only once it goes through the limit
+    limit = rq.RateLimit("api", concurrency=2)
+    q.enqueue(jobs.noop, job_id="limited-child", at_front=True, depends_on="rl-parent", rate_limit=limit)
 
 
 ALL_FORMS: list[Callable[[Any], None]] = [
@@ -163,6 +166,8 @@ def prepare(form: Callable[[Any], None], client: Any) -> None:
         q.enqueue(jobs.noop, job_id="parent")
     elif form is unique_taken:
         q.enqueue(jobs.noop, "first", job_id="taken")
+    elif form.__name__ == "rate_limit":
+        q.enqueue(jobs.noop, job_id="rl-parent")
     elif form is depends_on_failed:
         q.enqueue(jobs.noop, job_id="failed-parent")
         client.hset(q.job_class.key_for("failed-parent"), "status", "failed")

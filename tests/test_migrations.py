@@ -142,4 +142,4 @@ def test_a_producer_started_before_the_migration_spills_through_it(outbox_url, m
         f"after-{i:02d}" for i in range(12)
     ]
     assert {target for job_id, target in rows if job_id.startswith("before")} == {None}
-    assert {target for job_id, target in rows if job_id.startswith("after")} == {"tests"}
+    assert {target for job_id, target in rows if job_id.startswith("after")} == {"tests#rq"}, "with its key prefix"

@@ -174,7 +174,7 @@ def test_lost_reply_leaves_a_marker_and_replay_does_not_double(redis_server, sql
     job = q.enqueue(jobs.noop, job_id="landed")
     assert was_spilled(job)
     client = redis_server.client()
-    [row] = Outbox(sqlite_url).fetch_pending("tests", "amb", 10)
+    [row] = Outbox(sqlite_url).fetch_pending("tests#rq", "amb", 10)
     assert client.exists(MARKER_PREFIX + row.delivery), "the write landed with its delivery's marker"
     out = replay_once(sqlite_url, redis_server.url, "--log-level", "INFO")
     assert "already in redis" in out.stderr

@@ -245,7 +245,7 @@ def test_once_waits_for_a_queue_another_replayer_drains_then_names_it(redis_serv
     spill(sqlite_url, "busy", 3)
     spill(sqlite_url, "free", 2)
     outbox_ = Outbox(sqlite_url)
-    assert QueueLease(outbox_.engine, "other-host:1:x", 30, "tests", "busy").acquire()
+    assert QueueLease(outbox_.engine, "other-host:1:x", 30, "tests#rq", "busy").acquire()  # rows' lease name
     replay = Replayer(outbox_, client_from_url(redis_server.url, 5.0))
     with pytest.raises(ReplayError, match="busy by other-host:1:x"):
         replay.run_once(lease_wait=0.5)

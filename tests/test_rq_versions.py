@@ -97,9 +97,11 @@ def test_a_worker_under_the_prefix_runs_replayed_jobs_in_order(redis_server, sql
 
 def test_the_prefix_is_checked_as_rq_checks_it():
     assert split_target(stored_target("redis:6379/0", KeyLayout("{app}"))) == ("redis:6379/0", KeyLayout("{app}"))
-    assert stored_target("redis:6379/0", KeyLayout()) == "redis:6379/0", "the default prefix: rows as before"
+    assert stored_target("redis:6379/0", KeyLayout()) == "redis:6379/0#rq", "the default prefix too"
     with pytest.raises(ConfigurationError, match="only letters, digits"):
         split_target("redis:6379/0#bad prefix")
+    with pytest.raises(ConfigurationError, match="cannot contain '#'"):
+        Queue("q", connection=dead_redis(), target="eu#primary")
 
 
 def test_a_replayer_with_an_invalid_rq_key_prefix_exits_naming_it(redis_server, sqlite_url):
@@ -209,8 +211,8 @@ def test_rate_limited_jobs_replayed_wait_for_their_slots_and_all_run(redis_serve
     replay_once(sqlite_url, redis_server.url)
     client = redis_server.client()
     assert client.llen("rq:queue:rl") == 2 and client.zcard("rq:rl:api:rate_limited") == 4
-    run_worker(redis_server.url, "rl")  # each finished job frees its slot for the next
-    assert sorted(log.read_text().split()) == [str(i) for i in range(6)]
+    run_worker(redis_server.url, "rl")  # each finished job frees its slot for the next, oldest first
+    assert log.read_text().split() == [str(i) for i in range(6)], "in the order they were enqueued"
 
 
 @needs_rq3
@@ -243,3 +245,55 @@ def test_unique_within_a_transaction_is_decided_when_pushed_at_commit(redis_serv
     wait_for(lambda: Outbox(sqlite_url).pending_count() == 0, timeout=5)
     [entry] = [e for e in Outbox(sqlite_url).queue_stats() if e["queue"] == "tx"]
     assert (entry["pending"], entry["skipped"]) == (0, 1)
+
+
+def test_a_row_failing_half_way_is_written_again_without_a_second_push(redis_server, sqlite_url):
+    """Everything that may fail is written before the job is made runnable: here the Group's set of
+    groups is of the wrong type, the row fails before its RPUSH, goes dead, and once retried runs once."""
+    client = redis_server.client()
+    client.set("rq:groups", "not a set")
+    q = Queue("half", connection=dead_redis(), outbox=sqlite_url)
+    [job] = Group.create(connection=dead_redis(), name="g").enqueue_many(q, [q.prepare_data(jobs.noop)])
+    for _ in range(3):
+        replay_once(sqlite_url, redis_server.url, "--max-attempts", "3", check=False)
+    assert client.llen("rq:queue:half") == 0, "never pushed while its group write fails"
+    assert Outbox(sqlite_url).dead_rows()[0]["job_id"] == job.id
+    client.delete("rq:groups")
+    subprocess.run(
+        [sys.executable, "-m", "spillover", "dead", "retry", "--all", "--database-url", sqlite_url], check=True
+    )
+    replay_once(sqlite_url, redis_server.url)
+    assert client.lrange("rq:queue:half", 0, -1) == [job.id.encode()]
+    assert client.smembers("rq:group:g") == {job.id.encode()}
+
+
+def test_rows_with_options_are_refused_by_an_outbox_without_the_column(redis_server, tmp_path):
+    """A producer of this release before the deploy's migration 0005: plain jobs spill as before; a job
+    whose options the table cannot keep raises OutboxNotMigrated, and nothing is stored."""
+    from spillover import OutboxNotMigrated, migrate
+
+    url = f"sqlite:///{tmp_path / 'at-0004.db'}"
+    migrate.upgrade(url, "0004")
+    q = Queue("old", connection=dead_redis(), outbox=url)
+    assert was_spilled(q.enqueue(jobs.noop, job_id="plain"))
+    with pytest.raises(OutboxNotMigrated, match="options column"):
+        q.enqueue(jobs.noop, job_id="needs-0005", unique=True)
+    assert Outbox(url).pending_count() == 1
+    migrate.upgrade(url)
+    assert was_spilled(q.enqueue(jobs.noop, job_id="needs-0005", unique=True))
+    replay_once(url, redis_server.url)
+    assert redis_server.client().lrange("rq:queue:old", 0, -1) == [b"plain", b"needs-0005"]
+
+
+def test_cluster_replies_are_outages():
+    from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+
+    from spillover.redis_side import is_outage
+
+    for error in (
+        MovedError("3999 127.0.0.1:6381"),
+        AskError("3999 127.0.0.1:6381"),
+        ClusterDownError("down"),
+        TryAgainError("again"),
+    ):
+        assert is_outage(error), error

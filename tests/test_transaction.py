@@ -196,7 +196,7 @@ def test_lost_reply_at_commit_is_settled_by_the_marker(redis_server, sqlite_url)
         session.add(Order(item="x"))
         q.within(session).enqueue(jobs.noop, job_id="landed")
     client = redis_server.client()
-    [row] = Outbox(sqlite_url).fetch_pending("tests", "orders", 10)
+    [row] = Outbox(sqlite_url).fetch_pending("tests#rq", "orders", 10)
     assert client.exists(MARKER_PREFIX + row.delivery), "the push landed with its marker; its reply was lost"
     assert Outbox(sqlite_url).pending_count("orders") == 1
     with engine.connect() as conn:

@@ -40,6 +40,10 @@ local deadline, fence_key, fence_token = tonumber(ARGV[9]), ARGV[10], ARGV[11]
 local window = tonumber(ARGV[12])
 local rl_prefix, rl_keys, group_prefix, groups_set = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 local client_s, client_stamp = ARGV[17], ARGV[18]
+-- Scores of rate-limited rows: the client time in whole µs (ARGV[17]), then +1 µs per row; exact
+-- integers in a Lua number, written as seconds with six decimals.
+local rate_us = tonumber(client_s)
+client_s = string.format('%d', math.floor(rate_us / 1000000)) -- RQ's own scores are whole seconds
 local queue_prefix = string.sub(job_prefix, 1, #job_prefix - #'job:') .. 'queue:' -- '<prefix>:queue:'
 
 local clock = redis.call('TIME')
@@ -151,21 +155,28 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
     write('EXPIRE', job_prefix .. job_id .. ':dependents', ttl)
     write('EXPIRE', job_prefix .. ':' .. job_id .. ':dependencies', ttl)
   end
+  -- Everything that may fail goes before the job is made runnable: a row that fails half-way is
+  -- written again, and a second push of its id must not happen.
+  if opts.group then -- RQ's Group.enqueue_many: the group's set of job ids, and the set of groups
+    write('SADD', group_prefix .. opts.group, job_id)
+    write('SADD', groups_set, opts.group)
+  end
+  local config = code == 5 and (rl_prefix .. limit) or nil
+  if code == 5 then -- RQ 3's _enqueue_rate_limited_job: register the limit, mark the job, let it wait
+    if at_front == '1' then write('HSET', job_key, 'enqueue_at_front', '1') end
+    write('SADD', rl_keys, limit)
+    write('HSET', config, 'concurrency', concurrency)
+    rate_us = rate_us + 1 -- one call's rows keep their order (RQ: whole seconds, ties by job id)
+    local score = string.format('%d.%06d', math.floor(rate_us / 1000000), rate_us % 1000000)
+    write('ZADD', config .. ':rate_limited', score, job_id)
+  end
   if code == 3 then
     write('ZADD', scheduled_key, scheduled_at, job_id)
   elseif code == 1 then
     write(at_front == '1' and 'LPUSH' or 'RPUSH', queue_key, job_id)
-  elseif code == 5 then -- RQ 3's _enqueue_rate_limited_job: register, wait, fill the free slots
-    local config = rl_prefix .. limit
-    write('SADD', rl_keys, limit)
-    write('HSET', config, 'concurrency', concurrency)
-    write('ZADD', config .. ':rate_limited', client_s, job_id)
+  elseif code == 5 then -- fill the free slots, oldest first
     acquire(config, concurrency)
     if redis.call('HGET', job_key, 'status') == 'queued' then code = 1 end -- it had a free slot
-  end
-  if opts.group then -- RQ's Group.enqueue_many: the group's set of job ids, and the set of groups
-    write('SADD', group_prefix .. opts.group, job_id)
-    write('SADD', groups_set, opts.group)
   end
   if delivery == '' then -- '0': pushed by this release, which looks at '1' only for older releases' pushes
     write('SET', legacy_prefix .. job_id, '0', 'PX', backstop)

@@ -95,15 +95,22 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
     assert max(report["max"] for report in reports) < 5.0, reports  # nobody waited long on the migration
 
 
-def test_a_previous_replayer_leaves_rows_with_a_key_prefix_to_this_release(redis_server, sqlite_url):
-    """0.4 knows no RQ_KEY_PREFIX: the prefix in the stored target keeps its replayer off such rows (it would
-    write them under ``rq:``, where no worker of the prefix looks); this release drains them under it."""
+def test_a_previous_replayer_leaves_this_releases_rows_to_this_release(redis_server, sqlite_url):
+    """0.4 knows no RQ_KEY_PREFIX, nor row options (unique, groups), nor RQ 3's rate limits: the key prefix in
+    every stored target of this release keeps its replayer off such rows (it would write them under ``rq:``
+    where no worker of the prefix looks, push a unique job whose id exists, skip the Group keys); this
+    release drains them, each as it asks."""
     from spillover import Outbox
     from spillover.stored_job import SpilledJob, encode_hash, new_delivery_id
 
     outbox = Outbox(sqlite_url)
-    row = SpilledJob("tests#{app}", "pf", "prefixed-job", encode_hash({"status": "queued"}), delivery=new_delivery_id())
-    outbox.append([row])
+    job = encode_hash({"status": "queued"})
+    rows = [
+        SpilledJob("tests#{app}", "pf", "prefixed-job", job, delivery=new_delivery_id()),
+        SpilledJob("tests#rq", "u", "unique-job", job, delivery=new_delivery_id(), options='{"unique":true}'),
+    ]
+    redis_server.client().hset("rq:job:unique-job", "status", "finished")  # its id is taken
+    outbox.append(rows)
     old = release_tree("0.4.0")
     for tree in (old, None):
         done = subprocess.run(
@@ -127,8 +134,10 @@ def test_a_previous_replayer_leaves_rows_with_a_key_prefix_to_this_release(redis
         )
         client = redis_server.client()
         if tree is old:
-            assert outbox.pending_count() == 1 and not client.keys("rq:*"), "0.4 left it alone"
-            assert "tests#{app}" in done.stderr, "and said whose rows they are"
+            assert outbox.pending_count() == 2 and client.keys("rq:*") == [b"rq:job:unique-job"], "0.4 left them"
+            assert "tests#{app}" in done.stderr and "tests#rq" in done.stderr, "and said whose rows they are"
     assert done.returncode == 0, done.stderr[-2000:]
     assert outbox.pending_count() == 0
-    assert client.lrange("{app}:queue:pf", 0, -1) == [b"prefixed-job"] and not client.keys("rq:*")
+    assert client.lrange("{app}:queue:pf", 0, -1) == [b"prefixed-job"]
+    assert not client.exists("rq:queue:u"), "the unique job whose id was taken: skipped"
+    assert [e["skipped"] for e in outbox.queue_stats() if e["queue"] == "u"] == [1]
