@@ -40,3 +40,9 @@ def append_line(path: str, line: str) -> None:
     """Append ``line`` to the file at ``path``: the order jobs ran in, readable after the worker exits."""
     with open(path, "a", encoding="utf-8") as out:
         out.write(line + "\n")
+
+
+def fail(path: str, line: str) -> None:
+    """Append ``line`` to ``path``, then fail: a parent whose dependents must wait, or not."""
+    append_line(path, line)
+    raise RuntimeError(f"{line} fails, as the test wants")

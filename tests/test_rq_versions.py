@@ -297,3 +297,28 @@ def test_cluster_replies_are_outages():
         TryAgainError("again"),
     ):
         assert is_outage(error), error
+
+
+def test_replayed_dependents_follow_rqs_dependency_flow_on_a_real_worker(redis_server, sqlite_url, tmp_path):
+    """Parents and children spilled together, replayed, run by a worker: a child runs after its parent
+    finishes (RQ 3: through READY_TO_ENQUEUE and the ready registry), a child that allows failures after
+    its parent fails, and one that does not stays deferred."""
+    from rq.job import Dependency, Job
+
+    log = tmp_path / "ran.txt"
+    q = Queue("deps", connection=dead_redis(), outbox=sqlite_url)
+    ok = q.enqueue(jobs.append_line, str(log), "parent", job_id="ok-parent")
+    bad = q.enqueue(jobs.fail, str(log), "failing", job_id="bad-parent")
+    q.enqueue(jobs.append_line, str(log), "child", job_id="child", depends_on=ok)
+    q.enqueue(
+        jobs.append_line, str(log), "tolerant", job_id="tolerant", depends_on=Dependency(jobs=[bad], allow_failure=True)
+    )
+    q.enqueue(jobs.append_line, str(log), "strict", job_id="strict", depends_on=bad)
+    replay_once(sqlite_url, redis_server.url)
+    client = redis_server.client()
+    assert sorted(client.zrange("rq:deferred:deps", 0, -1)) == [b"child", b"strict", b"tolerant"]
+    run_worker(redis_server.url, "deps")
+    assert log.read_text().split() == ["parent", "failing", "child", "tolerant"]
+    assert Job.fetch("strict", connection=client).get_status() == "deferred"
+    if RQ_MAJOR >= 3:  # the ready registry was the way through, and is empty again
+        assert client.zcard("rq:ready:deps") == 0 and Job.fetch("child", connection=client).get_status() == "finished"

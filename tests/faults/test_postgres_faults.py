@@ -97,7 +97,7 @@ def test_outbox_down_with_redis_down_raises_and_stores_nothing(pg_cluster):
         queue.enqueue(jobs.noop, job_id="lost")
     assert isinstance(caught.value.redis_error, redis.ConnectionError)
     pg_cluster.start()
-    assert [r.job_id for r in Outbox(url).fetch_pending("tests", QUEUE, 10)] == ["stored"]
+    assert [r.job_id for r in Outbox(url).fetch_pending("tests#rq", QUEUE, 10)] == ["stored"]
 
 
 def test_spills_go_on_after_postgres_restarts_under_a_warm_pool(pg_cluster):
@@ -108,4 +108,4 @@ def test_spills_go_on_after_postgres_restarts_under_a_warm_pool(pg_cluster):
     pg_cluster.stop("fast")
     pg_cluster.start()
     assert was_spilled(queue.enqueue(jobs.noop, job_id="after")), "a stale pooled connection is not an outage"
-    assert [r.job_id for r in Outbox(url).fetch_pending("tests", QUEUE, 10)] == ["before", "after"]
+    assert [r.job_id for r in Outbox(url).fetch_pending("tests#rq", QUEUE, 10)] == ["before", "after"]
