@@ -27,8 +27,8 @@ from .metrics import register_backlog
 from .outbox import Outbox
 from .redis_side import client_from_url, is_outage, probe_write, resolve_target
 from .replayer import ReplayConfig, Replayer
-from .rq_keys import display_target
-from .targets import UNTARGETED, TargetMatcher, is_host_local_name, server_part, setting_for
+from .rq_keys import display_target, server_part
+from .targets import UNTARGETED, TargetMatcher, is_host_local_name, setting_for
 
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
 

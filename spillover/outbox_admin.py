@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
 
-from .rq_keys import display_target
+from .errors import ConfigurationError
+from .rq_keys import TARGET_PREFIX_SEPARATOR, display_target, server_part
 from .schema import DEAD, PENDING, SKIPPED, outbox
 
 
@@ -94,15 +95,17 @@ class OperatorQueries:
         if given; how many. For rows no replayer can recognise: written on a host that is gone, or given a
         wrong target by an old migration."""
         pending = self.pending_by_target_as_stored()
+        if TARGET_PREFIX_SEPARATOR in new or not new.strip():
+            raise ConfigurationError(f"a target name cannot be empty or contain {TARGET_PREFIX_SEPARATOR!r}: {new!r}")
         renames: dict[str | None, str]
         if old is None:
             renames = {None: new}
-        else:  # ``old`` as people name it, or as stored: each stored name keeps its key prefix
-            renames = {
-                stored: new + stored[len(display_target(stored) or "") :]
-                for stored in pending
-                if stored is not None and old in (stored, display_target(stored))
-            }
+        else:  # ``old`` names a Redis (or one stored name): its rows of every key prefix, each keeping its prefix
+            renames = {}
+            for stored in pending:
+                if stored is not None and old in (stored, server_part(stored)):
+                    _, separator, prefix = stored.rpartition(TARGET_PREFIX_SEPARATOR)
+                    renames[stored] = f"{new}{separator}{prefix}" if separator else new
         moved = 0
         with self._transaction() as conn:
             for stored, renamed in renames.items():

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from .lease import db_now
 from .outbox import PendingGroup
+from .rq_keys import server_part
 from .schema import replayer_registry
 from .targets import Group
 
@@ -38,8 +39,15 @@ class Unclaimed:
 
 
 def covers(claims: set[Claim], target: str | None, queue: str, host: str) -> bool:
-    """Whether a claim covers pending rows of ``target``'s ``queue`` from ``host`` ("": rows not split by host)."""
-    return any(t == target and (h is None or h == host or not host) and (q is None or q == queue) for t, h, q in claims)
+    """Whether a claim covers pending rows of ``target``'s ``queue`` from ``host`` ("": rows not split by host).
+
+    A replayer claims its Redis: the rows of every key prefix stored with that name (``tests#rq``) too.
+    """
+    server = None if target is None else server_part(target)
+    return any(
+        t in (target, server) and (h is None or h == host or not host) and (q is None or q == queue)
+        for t, h, q in claims
+    )
 
 
 def renew(engine: Engine, holder: str, target: str, host: str, redis_url: str, claims: list[Claim]) -> None:

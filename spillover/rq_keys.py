@@ -155,8 +155,13 @@ def display_target(stored: str | None) -> str | None:
     return stored.replace(default + "@", "@", 1)
 
 
+def server_part(stored: str) -> str:
+    """The Redis a stored target names, without the key prefix it carries (not validated)."""
+    return stored.rpartition(TARGET_PREFIX_SEPARATOR)[0] or stored
+
+
 def split_target(stored: str) -> tuple[str, KeyLayout]:
-    """(the Redis a row is meant for, the key layout to write it with)."""
+    """(the Redis a row is meant for, the key layout to write it with); ConfigurationError for a bad prefix."""
     target, separator, prefix = stored.rpartition(TARGET_PREFIX_SEPARATOR)
     if not separator:
         return stored, DEFAULT_LAYOUT

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .errors import ConfigurationError
-from .rq_keys import TARGET_PREFIX_SEPARATOR, split_target
+from .rq_keys import server_part, split_target
 
 #: Host names that always mean this machine.
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
@@ -171,11 +171,6 @@ class TargetMatcher:
         if resolver.is_loopback(theirs.where) or resolver.is_loopback(mine.where):
             return resolver.is_loopback(theirs.where) and resolver.is_loopback(mine.where)
         return bool(resolver.addresses(theirs.where) & resolver.addresses(mine.where))
-
-
-def server_part(target: str) -> str:
-    """A stored target without the key prefix it may carry (the Redis it names)."""
-    return target.rpartition(TARGET_PREFIX_SEPARATOR)[0] or target
 
 
 def is_host_local_name(target: str) -> bool:

@@ -322,3 +322,19 @@ def test_replayed_dependents_follow_rqs_dependency_flow_on_a_real_worker(redis_s
     assert Job.fetch("strict", connection=client).get_status() == "deferred"
     if RQ_MAJOR >= 3:  # the ready registry was the way through, and is empty again
         assert client.zcard("rq:ready:deps") == 0 and Job.fetch("child", connection=client).get_status() == "finished"
+
+
+def test_retarget_moves_a_redis_rows_of_every_prefix_each_keeping_its_own(sqlite_url):
+    from spillover.registry import covers
+    from spillover.stored_job import SpilledJob, encode_hash
+
+    outbox = Outbox(sqlite_url)
+    job = encode_hash({"status": "queued"})
+    outbox.append([SpilledJob(stored, "q", f"j{n}", job) for n, stored in enumerate(["gone", "gone#rq", "gone#{app}"])])
+    assert outbox.retarget("gone", "here") == 3
+    assert outbox.pending_by_target_as_stored() == {"here", "here#rq", "here#{app}"}
+    with pytest.raises(ConfigurationError, match="cannot be empty or contain '#'"):
+        outbox.retarget("here", "there#rq")
+    # and a replayer of "here" claims them all at once (status shows none of them unclaimed)
+    assert all(covers({("here", None, None)}, stored, "q", "") for stored in ("here", "here#rq", "here#{app}"))
+    assert not covers({("here", None, None)}, "elsewhere#rq", "q", "")
