@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -142,3 +143,18 @@ def redis_up_metric(port: int) -> float | None:
         if line.startswith("spillover_redis_up "):
             return float(line.split()[1])
     return None
+
+
+def status_text(database_url: str, redis_url: str, *extra: str) -> str:
+    """What `spillover status` prints."""
+    command = [sys.executable, "-m", "spillover", "status", *extra, "--database-url", database_url]
+    out = subprocess.run(
+        [*command, "--redis-url", redis_url], capture_output=True, text=True, check=True, env=env_with_tests()
+    )
+    return out.stdout
+
+
+def status_report(database_url: str, redis_url: str) -> dict[str, Any]:
+    """`spillover status --json`, read."""
+    found: dict[str, Any] = json.loads(status_text(database_url, redis_url, "--json"))
+    return found

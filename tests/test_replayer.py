@@ -13,7 +13,7 @@ from dataclasses import replace
 import jobs
 import pytest
 import redis
-from helpers import env_with_tests, http_get, redis_up_metric, replay_once, wait_for
+from helpers import env_with_tests, http_get, redis_up_metric, replay_once, status_text, wait_for
 from servers import free_port
 
 from spillover import Outbox, Queue, ReplayError
@@ -176,29 +176,14 @@ def test_retention_keeps_replayed_rows_as_done(redis_server, sqlite_url):
 
 def test_status_reports_queues_redis_and_lease(redis_server, sqlite_url):
     spill(sqlite_url, "s1", 4)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spillover",
-            "status",
-            "--json",
-            "--database-url",
-            sqlite_url,
-            "--redis-url",
-            redis_server.url.replace("127.0.0.1", "user:secret@127.0.0.1"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    report = json.loads(out.stdout)
+    text = status_text(sqlite_url, redis_server.url.replace("127.0.0.1", "user:secret@127.0.0.1"), "--json")
+    report = json.loads(text)
     assert report["queues"][0]["queue"] == "s1" and report["queues"][0]["pending"] == 4
     assert report["queues"][0]["oldest_age_s"] >= 0
     assert report["queues"][0]["target"] == report["target"] == "tests"
     assert report["queues"][0]["drainer"] is None, "nobody drains it"
     assert report["targets"] == [{"target": "tests", "pending": 4, "dead": 0, "this": True}]
-    assert "secret" not in out.stdout and "***" in report["redis"]["url"]
+    assert "secret" not in text and "***" in report["redis"]["url"]
 
 
 def test_dead_purge_deletes_for_good(redis_server, sqlite_url):

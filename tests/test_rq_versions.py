@@ -16,7 +16,7 @@ import pytest
 import redis
 import rq
 from forms import RQ_MAJOR
-from helpers import env_with_tests, replay_once, run_worker, wait_for
+from helpers import env_with_tests, replay_once, run_worker, status_report, wait_for
 from rq.exceptions import DuplicateJobError
 from servers import free_port
 
@@ -30,26 +30,6 @@ needs_rq3 = pytest.mark.skipif(RQ_MAJOR < 3, reason="RQ_KEY_PREFIX and rate limi
 
 def dead_redis() -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=free_port())
-
-
-def status_of(database_url: str, redis_url: str) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spillover",
-            "status",
-            "--json",
-            "--database-url",
-            database_url,
-            "--redis-url",
-            redis_url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)
 
 
 @needs_rq3
@@ -157,7 +137,7 @@ def test_spilled_unique_is_decided_at_replay_skipped_counted_and_shown(redis_ser
     assert client.lrange("rq:queue:u", 0, -1) == [b"taken", b"fresh"]
     assert rq.job.Job.fetch("taken", connection=client).args == ("already",), "the first one kept, as RQ keeps it"
 
-    report = status_of(sqlite_url, redis_server.url)
+    report = status_report(sqlite_url, redis_server.url)
     [entry] = [e for e in report["queues"] if e["queue"] == "u"]
     assert (entry["pending"], entry["skipped"]) == (0, 1)
     assert Outbox(sqlite_url).pending_count() == 0

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import jobs
 import pytest
 import redis
-from helpers import env_with_tests, http_get, replay_once, wait_for
+from helpers import env_with_tests, http_get, replay_once, status_report, status_text, wait_for
 from releases import insert_untargeted_row
 from sqlalchemy import create_engine, text
 from test_replayer import queued, replayer
@@ -58,25 +57,12 @@ def _spill_to_both(sqlite_url: str, a, b) -> tuple[list[str], list[str]]:
     return [f"a{i}" for i in range(5)], [f"b{i}" for i in range(5)]
 
 
-def _status_text(sqlite_url: str, redis_url: str, *extra: str) -> str:
-    """What `spillover status` prints."""
-    command = [sys.executable, "-m", "spillover", "status", *extra, "--database-url", sqlite_url]
-    out = subprocess.run(
-        [*command, "--redis-url", redis_url], capture_output=True, text=True, check=True, env=env_with_tests()
-    )
-    return out.stdout
-
-
-def _status(sqlite_url: str, redis_url: str) -> dict:
-    return json.loads(_status_text(sqlite_url, redis_url, "--json"))
-
-
 def test_two_redis_servers_one_outbox_each_replayer_drains_its_own(make_redis, sqlite_url):
     a, b = make_redis(), make_redis()
     a_ids, b_ids = _spill_to_both(sqlite_url, a, b)
     a_target, b_target = f"127.0.0.1:{a.port}/0", f"127.0.0.1:{b.port}/0"
 
-    report = _status(sqlite_url, a.url)
+    report = status_report(sqlite_url, a.url)
     assert report["target"] == a_target
     assert {t["target"]: (t["pending"], t["this"]) for t in report["targets"]} == {
         a_target: (5, True),
@@ -186,7 +172,7 @@ def test_loopback_rows_belong_to_their_hosts_replayer(redis_server, sqlite_url):
     replay_once(sqlite_url, f"redis://127.0.0.1:{redis_server.port}/0")
     assert queued(redis_server.client(), "local") == ids, "only this host's rows"
     assert Outbox(sqlite_url).pending_count() == 5
-    report = _status(sqlite_url, redis_server.url)
+    report = status_report(sqlite_url, redis_server.url)
     (stranded,) = report["unclaimed"]
     assert stranded["host"] == "web-b" and stranded["pending"] == 5
     assert f"--redis-url redis://localhost:{redis_server.port}/0 on host web-b" in stranded["would_drain"]
@@ -204,18 +190,18 @@ def test_rows_nobody_drains_are_a_gauge_a_warning_and_a_status_line(redis_server
     proc = replayer(sqlite_url, redis_server.url, "--metrics-port", str(port), "--poll-interval", "0.1")
     try:
         wait_for(lambda: 'spillover_unclaimed_rows{target="cache-x"} 2.0' in http_get(port, "/metrics")[1], 30)
-        report = _status(sqlite_url, redis_server.url)
+        report = status_report(sqlite_url, redis_server.url)
         assert len(report["replayers"]) == 1
         (stranded,) = report["unclaimed"]
         assert stranded["target"] == "cache-x" and stranded["queues"] == ["orphans"]
         assert stranded["would_drain"] == "a replayer with --target 'cache-x'"
-        text_report = _status_text(sqlite_url, redis_server.url)
+        text_report = status_text(sqlite_url, redis_server.url)
         assert "UNCLAIMED: 2 pending row(s) of target cache-x" in text_report
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "are drained by no running replayer: start a replayer with --target 'cache-x'" in err
-    assert _status(sqlite_url, redis_server.url)["replayers"] == [], "a stopped replayer leaves the registry"
+    assert status_report(sqlite_url, redis_server.url)["replayers"] == [], "a stopped replayer leaves the registry"
 
 
 def test_once_a_replayer_of_that_target_runs_its_rows_are_claimed(redis_server, sqlite_url):
@@ -224,8 +210,8 @@ def test_once_a_replayer_of_that_target_runs_its_rows_are_claimed(redis_server, 
     mine = replayer(sqlite_url, redis_server.url, "--poll-interval", "0.1", "--target", "cache-z")
     other = replayer(sqlite_url, "redis://127.0.0.1:1/0", "--target", "cache-y")  # its Redis is down: it waits
     try:
-        wait_for(lambda: len(_status(sqlite_url, redis_server.url)["replayers"]) == 2, 30)
-        wait_for(lambda: _status(sqlite_url, redis_server.url)["unclaimed"] == [], 30)
+        wait_for(lambda: len(status_report(sqlite_url, redis_server.url)["replayers"]) == 2, 30)
+        wait_for(lambda: status_report(sqlite_url, redis_server.url)["unclaimed"] == [], 30)
     finally:
         for proc in (mine, other):
             proc.terminate()
@@ -239,14 +225,14 @@ def test_rows_with_no_target_are_not_adopted_while_a_replayer_of_another_redis_r
     b.kill()  # b's replayer runs (and says so in the registry) but cannot drain: its Redis is down
     other = replayer(sqlite_url, b.url, "--poll-interval", "0.1", "--target", "b")
     try:
-        wait_for(lambda: len(_status(sqlite_url, a.url)["replayers"]) == 1, 30)
+        wait_for(lambda: len(status_report(sqlite_url, a.url)["replayers"]) == 1, 30)
         replay_once(sqlite_url, a.url, "--target", "a")
         assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}, "a saw b running: not a's to take"
-        assert _status(sqlite_url, a.url)["unclaimed"] == [], "b, alone again, claims it (and drains it once up)"
+        assert status_report(sqlite_url, a.url)["unclaimed"] == [], "b, alone again, claims it (and drains it once up)"
     finally:
         other.terminate()
         other.communicate(timeout=20)
-    wait_for(lambda: _status(sqlite_url, a.url)["replayers"] == [], 30)
+    wait_for(lambda: status_report(sqlite_url, a.url)["replayers"] == [], 30)
     replay_once(sqlite_url, a.url, "--target", "a")  # alone now: it adopts the row
     assert Outbox(sqlite_url).pending_count() == 0
 
@@ -259,9 +245,9 @@ def test_status_and_metrics_with_rows_with_and_without_a_target(redis_server, sq
     Queue("mixed", connection=redis.Redis(host="127.0.0.1", port=1), outbox=sqlite_url, target="cache-q").enqueue(
         jobs.noop
     )
-    report = _status(sqlite_url, redis_server.url)
+    report = status_report(sqlite_url, redis_server.url)
     assert {(t["target"], t["pending"]) for t in report["targets"]} == {(None, 1), ("cache-q", 1)}
-    text_report = _status_text(sqlite_url, redis_server.url)
+    text_report = status_text(sqlite_url, redis_server.url)
     assert "rows with no target (0.1 producers): 1 pending" in text_report
     port = free_port()
     proc = replayer(sqlite_url, "redis://127.0.0.1:1/0", "--metrics-port", str(port), "--target", "cache-z")
