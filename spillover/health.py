@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 import redis
 
@@ -32,6 +33,7 @@ class RedisHealth:
         self._lock = threading.Lock()
         self._prober: threading.Thread | None = None
         self._pid = os.getpid()
+        _instances.add(self)
 
     @property
     def is_up(self) -> bool:
@@ -76,3 +78,22 @@ class RedisHealth:
             self._pid = os.getpid()
             self._lock = threading.Lock()
             self._prober = None
+
+    def after_fork(self) -> None:
+        """In a child forked while Redis was marked down: nothing would ever probe it (the parent's prober
+        thread is not in the child), and the child would spill for ever. Probe again, in the child."""
+        self._fork_check()
+        if self._down_since is not None and self._last_error is not None:
+            self.mark_down(self._last_error)
+
+
+_instances: weakref.WeakSet[RedisHealth] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for health in list(_instances):
+        health.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

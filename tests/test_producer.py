@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import jobs
 import pytest
@@ -282,6 +283,42 @@ def test_forked_children_use_a_queue_made_before_the_fork(redis_server, sqlite_u
     ids = {x.decode() for x in redis_server.client().lrange("rq:queue:forked", 0, -1)}
     assert ids == {"parent-direct", "parent-spilled"} | {f"c{n}-{i}" for n in range(4) for i in range(50)}
     proxy.close()
+
+
+def test_a_child_forked_while_redis_is_down_probes_it_and_goes_direct_when_it_is_back(redis_server, sqlite_url):
+    """gunicorn --preload, multiprocessing: the breaker is open at the fork, and the child has no prober thread
+    of the parent's. It must find Redis again by itself."""
+    import multiprocessing
+
+    proxy = FaultProxy("127.0.0.1", redis_server.port)
+    q = Queue("fork-down", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
+    assert not was_spilled(q.enqueue(jobs.noop))
+    proxy.set_mode("refuse")
+    assert was_spilled(q.enqueue(jobs.noop)) and not q.health.is_up  # the breaker is open
+    ctx = multiprocessing.get_context("fork")
+    go, report = ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=_child_after_outage, args=(q, go, report))
+    child.start()
+    proxy.set_mode("pass")  # Redis is back; the parent's prober sees it, the child's must too
+    go.set()
+    direct_at, spilled_before = report.get(timeout=30)
+    child.join(30)
+    assert child.exitcode == 0
+    assert direct_at is not None, f"the child never went back to Redis ({spilled_before} spilled)"
+    assert direct_at < 3.0, f"the child went direct only after {direct_at:.1f} s"
+    proxy.close()
+
+
+def _child_after_outage(q: Queue, go: Any, report: Any) -> None:
+    go.wait(30)
+    started, spilled = time.monotonic(), 0
+    while time.monotonic() - started < 10:
+        if not was_spilled(q.enqueue(jobs.noop)):
+            report.put((time.monotonic() - started, spilled))
+            return
+        spilled += 1
+        time.sleep(0.03)
+    report.put((None, spilled))
 
 
 def _child_enqueue(q: Queue, n: int) -> None:
