@@ -32,7 +32,7 @@ import rq
 from rq.job import Job
 from rq.queue import EnqueueData
 from sqlalchemy import Connection, Engine, event, insert, inspect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
 from . import lanes, metrics
@@ -220,14 +220,19 @@ class TransactionalQueue:
         written.extend(_Written(self.lane, row, row_id) for row, row_id in zip(rows, ids, strict=True))
 
     def _connection(self) -> Connection:
-        """The caller's connection; NotInTransaction if no transaction is open on it."""
+        """The caller's connection, in its transaction: begun the way SQLAlchemy begins one on first use
+        (autobegin), so a job may be enqueued before the application's own writes. NotInTransaction where
+        SQLAlchemy would not begin one either (a Session made with ``autobegin=False``, a closed Connection)."""
         bind = self.bind
         if isinstance(bind, Session):
-            if not bind.in_transaction():
-                raise NotInTransaction("Session")
-            return bind.connection(bind_arguments={"bind": self._engine_or_connection})
-        if bind.closed or not bind.in_transaction():
+            try:
+                return bind.connection(bind_arguments={"bind": self._engine_or_connection})
+            except InvalidRequestError as exc:  # autobegin=False and no begin()
+                raise NotInTransaction("Session") from exc
+        if bind.closed or bind.invalidated:
             raise NotInTransaction("Connection")
+        if not bind.in_transaction():
+            bind.begin()  # what the Connection's next execute would do (autobegin); its commit() ends it
         return bind
 
 

@@ -59,6 +59,32 @@ def test_committed_job_is_in_rq_when_commit_returns_and_its_worker_finds_the_row
     assert client.lrange("executed", 0, -1) == [b"book"] and queued(client) == []
 
 
+def test_within_begins_a_fresh_session_or_connection_as_sqlalchemy_does(redis_server, outbox_url, app_engine):
+    """Enqueue first, then write, then commit (or roll back): the job exists iff the commit happens."""
+    client = redis_server.client()
+    q = Queue("orders", connection=client, outbox=outbox_url)
+    with Session(app_engine) as session:  # no begin(): within() autobegins, as session.add + flush would
+        q.within(session).enqueue(jobs.noop, job_id="first-then-order")
+        session.add(Order(item="after the job"))
+        session.commit()
+    with Session(app_engine) as session:
+        q.within(session).enqueue(jobs.noop, job_id="first-then-rollback")
+        session.add(Order(item="rolled back"))
+        session.rollback()
+    with app_engine.connect() as conn:  # a Connection: begun on first use, ended by its commit()
+        q.within(conn).enqueue(jobs.noop, job_id="conn-first")
+        conn.execute(Order.__table__.insert().values(item="by connection"))
+        conn.commit()
+    with app_engine.connect() as conn:
+        q.within(conn).enqueue(jobs.noop, job_id="conn-rolled-back")
+        conn.rollback()
+    replay_once(outbox_url, redis_server.url)  # a bare Connection's jobs are the replayer's
+    assert sorted(queued(client)) == ["conn-first", "first-then-order"]
+    with Session(app_engine) as session:
+        assert sorted(o.item for o in session.query(Order)) == ["after the job", "by connection"]
+    assert Outbox(outbox_url).pending_count() == 0
+
+
 def test_rolled_back_jobs_never_reach_redis(redis_server, outbox_url, app_engine):
     client = redis_server.client()
     q = Queue("orders", connection=client, outbox=outbox_url)
@@ -213,9 +239,11 @@ def test_misuse_gets_a_clear_error(redis_server, sqlite_url, tmp_path: Path):
     q = Queue("orders", connection=redis_server.client(), outbox=sqlite_url)
     engine = create_engine(sqlite_url)
     Base.metadata.create_all(engine)
-    with Session(engine) as session, pytest.raises(NotInTransaction, match="begin"):
-        q.within(session).enqueue(jobs.noop)
-    with engine.connect() as conn, pytest.raises(NotInTransaction, match=r"connection\.begin\(\)"):
+    with Session(engine, autobegin=False) as session, pytest.raises(NotInTransaction, match="begin"):
+        q.within(session).enqueue(jobs.noop)  # a Session SQLAlchemy itself would not begin
+    conn = engine.connect()
+    conn.close()
+    with pytest.raises(NotInTransaction, match=r"connection\.begin\(\)"):
         q.within(conn).enqueue(jobs.noop)
     with pytest.raises(ConfigurationError, match="Session or Connection"):
         q.within(engine)  # type: ignore[arg-type]
