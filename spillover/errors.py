@@ -16,10 +16,11 @@ class ConfigurationError(SpilloverError):
 
 
 class NotInTransaction(ConfigurationError):
-    """``queue.within(...)`` was used on a Session or Connection with no transaction open.
+    """``queue.within(...)`` was used where SQLAlchemy itself would begin no transaction
+    (a Session made with ``autobegin=False`` and not begun, a closed Connection).
 
-    spillover never begins, commits or rolls back the caller's transaction, so a job
-    written outside one would be committed by nobody, or by whatever commits next.
+    spillover begins a transaction only as SQLAlchemy's autobegin would, and never commits
+    or rolls one back: a job written outside one would be committed by nobody.
     """
 
     def __init__(self, kind: str) -> None:

@@ -132,7 +132,8 @@ class Queue(rq.Queue):
         the caller's database (migrated with ``spillover db upgrade``), and after a
         Session's commit the producer pushes it into RQ at once; otherwise, and whenever
         that push cannot happen, the replayer delivers it. Nothing reaches Redis before
-        the commit, and spillover never begins, commits or rolls back the transaction.
+        the commit. A Session or Connection with no transaction yet begins one, as SQLAlchemy's
+        autobegin does; spillover never commits or rolls it back.
         """
         return TransactionalQueue(self, session_or_connection, _WithinWriter)
 

@@ -2,8 +2,9 @@
 
 Each job is written as an outbox row through the caller's Session or Connection, in the
 caller's transaction: rolled back, the row never existed; committed, it is as durable as
-the application's own rows and the replayer delivers it. spillover never begins,
-commits or rolls back that transaction, and writes nothing to Redis before the commit.
+the application's own rows and the replayer delivers it. spillover begins that transaction
+only as SQLAlchemy's autobegin would (a job may come before the application's own writes),
+never commits or rolls it back, and writes nothing to Redis before the commit.
 
 A Session does not wait for the replayer: its after-commit hook reads the rows back
 (only committed rows are visible to another connection) and pushes them into RQ
