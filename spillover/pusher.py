@@ -40,8 +40,8 @@ from .stored_job import msgpack_array_header, msgpack_str
 # EXISTS, a unique=True job whose id Redis has (nothing written); RATE_LIMITED, waiting for a
 # slot of its rate limit (RQ 3).
 DUPLICATE, QUEUED, DEFERRED, SCHEDULED, EXISTS, RATE_LIMITED = 0, 1, 2, 3, 4, 5
-# Why it wrote nothing at all.
-LATE, FENCED = "LATE", "FENCED"
+# Why it wrote nothing at all: past its deadline, an older lease holder's, a row's bytes not MessagePack.
+LATE, FENCED, UNDECODABLE = "LATE", "FENCED", "UNDECODABLE"
 
 #: Seconds after which the clock asks Redis again even if no push told it the time meanwhile.
 CLOCK_RELEARN = 300.0

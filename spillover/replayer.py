@@ -36,7 +36,7 @@ from .errors import ReplayError
 from .lease import QueueLease, live_leases
 from .markers import Settler
 from .outbox import Outbox, OutboxRow, PendingGroup
-from .pusher import DUPLICATE, EXISTS, FENCED, LATE, Fence, Pusher
+from .pusher import DUPLICATE, EXISTS, FENCED, LATE, UNDECODABLE, Fence, Pusher
 from .redis_side import is_outage, probe_write, resolve_target
 from .rq_keys import DEFAULT_LAYOUT, KeyLayout, display_target, environment_prefix, split_target
 from .schema import SKIPPED
@@ -326,14 +326,18 @@ class Replayer:
         confirmed: list[OutboxRow] = []  # in Redis, not yet removed from the outbox
         pusher, settler = self._keys_of(group)
 
+        isolating = 0  # batches left to push a row at a time (after a batch the script could not decode)
+
         def fetch(exclude: list[int] | None = None) -> tuple[list[OutboxRow], float]:
             """The next rows, and Redis's time before they were read: their push's deadline counts from it."""
             read_at = self._redis_time()
-            return self.outbox.fetch_pending(group.target, queue, size, exclude or (), group.host), read_at
+            limit = 1 if isolating else size
+            return self.outbox.fetch_pending(group.target, queue, limit, exclude or (), group.host), read_at
 
         rows, read_at = fetch()
         try:
             while rows and not self.stopping.is_set():
+                isolating = max(isolating - 1, 0)  # this batch (of one row, if isolating) is one of them
                 self.heartbeat.beat()
                 self._keep_registered()  # a long drain must not look like a replayer that is gone
                 if group.target is None and not self.matcher.adopt_untargeted:
@@ -365,6 +369,16 @@ class Replayer:
                     if result.refusal == LATE:
                         log.warning("queue %s: a batch reached redis after its deadline; reading it again", queue)
                         self.pusher.clock.forget()
+                        rows, read_at = fetch()
+                        continue
+                    if result.refusal == UNDECODABLE:  # a corrupt row: find it, a row at a time, in order
+                        self._confirm(confirmed, settler)
+                        if len(good) == 1:
+                            self._kill(good[0], "its stored job hash is not MessagePack: a corrupt outbox row")
+                            moved += 1
+                        else:
+                            log.warning("queue %s: a row of this batch cannot be decoded; pushing it row by row", queue)
+                            isolating = len(good)
                         rows, read_at = fetch()
                         continue
                     confirmed = self._skip_existing(queue, good, result.codes)

@@ -236,3 +236,23 @@ def test_once_waits_for_a_queue_another_replayer_drains_then_names_it(redis_serv
         replay.run_once(lease_wait=0.5)
     assert queued(redis_server.client(), "free") == ["j00000", "j00001"], "the free queue was drained meanwhile"
     assert outbox_.pending_count("busy") == 3
+
+
+def test_a_corrupt_job_hash_goes_dead_with_its_reason_and_the_batch_goes_on(redis_server, sqlite_url):
+    """Bytes the script cannot decode (a damaged row): the replayer used to exit and crash-loop on them."""
+    from sqlalchemy import create_engine, text
+
+    ids = spill(sqlite_url, "corrupt", 6)
+    engine = create_engine(sqlite_url)
+    with engine.begin() as conn:  # the third row's hash cut short: a MessagePack array that ends too soon
+        conn.execute(
+            text("UPDATE spillover_outbox SET job_hash = :bad WHERE job_id = :id"),
+            {"bad": b"\xdd\x00\x00\x00\x08\xdb\x00\x00\x00\x06sta", "id": ids[2]},
+        )
+    engine.dispose()
+    out = replay_once(sqlite_url, redis_server.url, "--batch-size", "4")
+    assert "not MessagePack" in out.stderr
+    assert queued(redis_server.client(), "corrupt") == ids[:2] + ids[3:], "the others, in order, once"
+    [dead] = Outbox(sqlite_url).dead_rows()
+    assert dead["job_id"] == ids[2] and "corrupt outbox row" in dead["last_error"]
+    assert Outbox(sqlite_url).pending_count() == 0

@@ -29,7 +29,7 @@
 -- Returns {codes, error, refusal, redis time ms, call}: codes has one digit per processed row
 -- (0 duplicate, 1 queued, 2 deferred, 3 scheduled, 4 unique id exists, 5 rate limited);
 -- processing stops at the first failing row, whose error text is the second element ('1' in
--- call: the error is the batch's own, not a row's); refusal is '', 'LATE' or 'FENCED'.
+-- call: the error is the batch's own, not a row's); refusal is '', 'LATE', 'FENCED' or 'UNDECODABLE'.
 
 if redis.replicate_commands then redis.replicate_commands() end -- TIME before writes (Redis < 5)
 
@@ -53,7 +53,10 @@ if fence_key ~= '' and redis.call('GET', fence_key) ~= fence_token then return {
 
 if fence_key ~= '' then redis.call('PEXPIRE', fence_key, backstop) end -- lives while its holder pushes
 
-local rows = cmsgpack.unpack(ARGV[19])
+-- A batch is decoded whole: a row whose stored bytes are not MessagePack (a corrupt outbox row) makes
+-- the call write nothing and say so; the replayer then pushes that batch a row at a time.
+local decoded, rows = pcall(cmsgpack.unpack, ARGV[19])
+if not decoded then return {'', '', 'UNDECODABLE', now_ms, ''} end
 local codes = {}
 
 local function write(...)
