@@ -180,6 +180,13 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     help="Rows per Redis call and per outbox transaction.",
 )
 @env_option(
+    "--batch-bytes",
+    type=click.IntRange(1024, 256 * 1024 * 1024),
+    default=8 * 1024 * 1024,
+    env="SPILLOVER_BATCH_BYTES",
+    help="Job-hash bytes per Redis call at most (a larger row goes alone).",
+)
+@env_option(
     "--poll-interval",
     type=click.FloatRange(0.01),
     default=1.0,
@@ -255,6 +262,7 @@ def replay_main(
     queues: tuple[str, ...],
     once: bool,
     batch_size: int,
+    batch_bytes: int,
     poll_interval: float,
     marker_ttl: int,
     delivery_window: float,
@@ -282,6 +290,7 @@ def replay_main(
     names = [name for value in queues for name in value.split()]
     config = ReplayConfig(
         batch_size=batch_size,
+        batch_bytes=batch_bytes,
         poll_interval=poll_interval,
         marker_ttl=marker_ttl,
         delivery_window=delivery_window,

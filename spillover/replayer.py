@@ -52,6 +52,18 @@ REDIS_PROBE_CAP = 0.1
 SKIPPED_KEEP = 7 * 86400.0
 
 
+def within_bytes(rows: list[OutboxRow], limit: int) -> list[OutboxRow]:
+    """The first rows whose job hashes add up to at most ``limit`` bytes (always the first row): one
+    request stays well under Redis's limits (``proto-max-bulk-len``, the client query buffer), which
+    it answers by closing the connection, as if it were down."""
+    total = 0
+    for n, row in enumerate(rows):
+        total += len(row.job_hash)
+        if total > limit and n > 0:
+            return rows[:n]
+    return rows
+
+
 class RedisUnavailable(Exception):
     """Internal: stop draining and wait for Redis."""
 
@@ -59,6 +71,7 @@ class RedisUnavailable(Exception):
 @dataclass
 class ReplayConfig:
     batch_size: int = 500
+    batch_bytes: int = 8 * 1024 * 1024  # job-hash bytes per Redis call (a row larger than this goes alone)
     poll_interval: float = 1.0
     marker_ttl: int = 7 * 24 * 3600  # the backstop: how long a marker lives while its row is in the outbox
     delivery_window: float = 30.0  # how long a push may take to arrive, and a settled marker lives
@@ -332,7 +345,8 @@ class Replayer:
             """The next rows, and Redis's time before they were read: their push's deadline counts from it."""
             read_at = self._redis_time()
             limit = 1 if isolating else size
-            return self.outbox.fetch_pending(group.target, queue, limit, exclude or (), group.host), read_at
+            found = self.outbox.fetch_pending(group.target, queue, limit, exclude or (), group.host)
+            return within_bytes(found, self.config.batch_bytes), read_at
 
         rows, read_at = fetch()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -256,3 +257,18 @@ def test_a_corrupt_job_hash_goes_dead_with_its_reason_and_the_batch_goes_on(redi
     [dead] = Outbox(sqlite_url).dead_rows()
     assert dead["job_id"] == ids[2] and "corrupt outbox row" in dead["last_error"]
     assert Outbox(sqlite_url).pending_count() == 0
+
+
+def test_batches_are_bounded_by_bytes_not_only_rows(make_redis, sqlite_url):
+    """Big jobs: a batch of rows over Redis's request limit is answered by a closed connection, which looks
+    like an outage, for ever. Here Redis takes at most 1 MiB per argument, the rows are 200 KB each."""
+    server = make_redis("--proto-max-bulk-len", "1mb")
+    q = Queue("big", connection=redis.Redis(port=free_port()), outbox=sqlite_url)
+    ids = [q.enqueue(jobs.noop, os.urandom(200_000)).id for _ in range(12)]  # incompressible: RQ zlibs job data
+    unbounded = replay_once(sqlite_url, server.url, "--batch-bytes", str(64 * 1024 * 1024), check=False)
+    assert unbounded.returncode != 0 and server.client().llen("rq:queue:big") == 0, "the test can fail"
+    replay_once(sqlite_url, server.url, "--batch-bytes", "700000")
+    assert queued(server.client(), "big") == ids, "every row, in order, three to a call"
+    more = [q.enqueue(jobs.noop, os.urandom(200_000)).id for _ in range(3)]
+    replay_once(sqlite_url, server.url, "--batch-bytes", "1024")  # each row over the bound: it goes alone
+    assert queued(server.client(), "big") == ids + more
