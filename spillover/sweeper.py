@@ -95,6 +95,30 @@ class Sweeper(Generic[T]):
 
 
 _exiting = False
+_held_at_fork: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    """No batch is half-deleted when the process forks: SQLite keeps the locks of a process's connections
+    in process-wide state, so a child forked while a sweeper thread held the outbox's write lock would
+    inherit a lock nobody releases, and its own writes would wait for it until "database is locked"."""
+    mine = sorted((s for s in list(_sweepers) if s._pid == os.getpid()), key=id)
+    for sweeper in mine:
+        sweeper._deleting.acquire()
+        _held_at_fork.append(sweeper._deleting)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _held_at_fork.clear()  # the child's sweepers renew their locks (_fork_check)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 @atexit.register
