@@ -70,9 +70,15 @@ def env_with_tests() -> dict[str, str]:
 
 
 def replay_once(
-    database_url: str, redis_url: str, *extra: str, check: bool = True, without: tuple[str, ...] = ()
+    database_url: str,
+    redis_url: str,
+    *extra: str,
+    check: bool = True,
+    without: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The real `spillover-replay --once` command (``without`` these environment variables)."""
+    """The real `spillover-replay --once` command (in ``env``, less ``without`` these variables; from ``cwd``)."""
     cmd = [
         sys.executable,
         "-m",
@@ -86,8 +92,8 @@ def replay_once(
         "WARNING",
         *extra,
     ]
-    env = {name: value for name, value in env_with_tests().items() if name not in without}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    env = {name: value for name, value in (env or env_with_tests()).items() if name not in without}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
     if check:
         assert done.returncode == 0, f"spillover-replay --once exited {done.returncode}: {done.stderr[-3000:]}"
     return done

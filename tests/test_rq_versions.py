@@ -85,21 +85,8 @@ def test_the_prefix_is_checked_as_rq_checks_it():
 
 
 def test_a_replayer_with_an_invalid_rq_key_prefix_exits_naming_it(redis_server, sqlite_url):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "spillover.cli_replay",
-            "--once",
-            "--database-url",
-            sqlite_url,
-            "--redis-url",
-            redis_server.url,
-        ],
-        capture_output=True,
-        text=True,
-        env={**env_with_tests(), "RQ_KEY_PREFIX": "no spaces"},
-        timeout=60,
+    done = replay_once(
+        sqlite_url, redis_server.url, check=False, env={**env_with_tests(), "RQ_KEY_PREFIX": "no spaces"}
     )
     assert done.returncode != 0 and "RQ_KEY_PREFIX" in done.stderr and "Traceback" not in done.stderr
 

@@ -9,12 +9,9 @@ releases are built from git history (releases.py). They pin rq<3: these tests ru
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from checks import Producers, assert_exactly_once_in_order, start_replayer, stop, wait_drained
-from helpers import http_get, wait_for
+from helpers import http_get, replay_once, wait_for
 from releases import alembic_upgrade, env_for, release_tree
 from servers import create_database, free_port
 from sqlalchemy import create_engine, inspect, text
@@ -113,25 +110,8 @@ def test_a_previous_replayer_leaves_this_releases_rows_to_this_release(redis_ser
     outbox.append(rows)
     old = release_tree("0.4.0")
     for tree in (old, None):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "spillover.cli_replay",
-                "--once",
-                "--database-url",
-                sqlite_url,
-                "--redis-url",
-                redis_server.url,
-                "--target",
-                "tests",
-            ],
-            capture_output=True,
-            text=True,
-            env=env_for(tree),
-            cwd=tree,  # -m imports from the working directory first: the release's own, for the release
-            timeout=120,
-        )
+        # -m imports from the working directory first: the release's own, for the release
+        done = replay_once(sqlite_url, redis_server.url, "--target", "tests", check=False, env=env_for(tree), cwd=tree)
         client = redis_server.client()
         if tree is old:
             assert outbox.pending_count() == 2 and client.keys("rq:*") == [b"rq:job:unique-job"], "0.4 left them"
