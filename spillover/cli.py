@@ -297,6 +297,7 @@ def replay_main(
         retention=retention,
         max_attempts=max_attempts,
         lease_ttl=lease_ttl,
+        outbox_timeout=settings.outbox_timeout(),
         queues=names,
         target=target,
         adopt_untargeted=adopt_untargeted,

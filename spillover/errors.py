@@ -6,6 +6,8 @@ wrapped: they propagate as redis-py raised them, because they are not outages.
 
 from __future__ import annotations
 
+from sqlalchemy.exc import SQLAlchemyError
+
 
 class SpilloverError(Exception):
     """Root of every error spillover raises itself."""
@@ -49,16 +51,41 @@ class OutboxNotMigrated(OutboxError):
 
 
 class OutboxUnavailable(OutboxError):
-    """Redis was unusable and the outbox write failed too: the job was NOT enqueued.
+    """Redis was unusable and the outbox write failed too, or did not answer in time.
+
+    ``in_doubt`` False: the job was NOT stored. True: the INSERT was sent and no answer came
+    (a stalled or failed-over database): the job may be stored, and is then replayed. Either
+    way, enqueueing the same job id again from this process is safe: the retry carries the
+    same delivery id, so the job reaches RQ once whichever copies were stored.
 
     ``redis_error`` is why the job could not go to Redis, ``outbox_error`` why it
     could not be stored; both are kept so nothing about the failure is hidden.
     """
 
-    def __init__(self, message: str, *, redis_error: BaseException | None, outbox_error: BaseException) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        redis_error: BaseException | None,
+        outbox_error: BaseException,
+        in_doubt: bool = False,
+    ) -> None:
         super().__init__(f"{message}: redis: {redis_error!r}; outbox: {outbox_error!r}")
         self.redis_error = redis_error
         self.outbox_error = outbox_error
+        self.in_doubt = in_doubt
+
+
+class OutboxTimeout(SQLAlchemyError):
+    """The outbox database did not answer within the time limit (``SPILLOVER_OUTBOX_TIMEOUT``).
+
+    A SQLAlchemy error like the database's own, so code that handles those handles this.
+    ``in_doubt``: a write had been sent when the time ran out, and may have been applied.
+    """
+
+    def __init__(self, message: str, *, in_doubt: bool = False) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
 
 
 class BacklogFull(OutboxError):

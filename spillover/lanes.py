@@ -25,8 +25,8 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import settings
-from .errors import OutboxUnavailable
+from . import deadline, doubt, settings
+from .errors import OutboxTimeout, OutboxUnavailable
 from .health import RedisHealth
 from .markers import Settler
 from .outbox import Outbox, OutboxRow
@@ -131,7 +131,8 @@ class SpillLane:
         pushed = [row for row in pushed if row.id not in skipped]  # unique ones whose id Redis had: kept, skipped
         if pushed:
             self.outbox.mark_delivered([row.id for row in pushed], keep=False)
-            self.server.settler(self.pusher.layout).gone([(row.job_id, row.delivery) for row in pushed])
+            settled = [(row.job_id, row.delivery) for row in pushed if not doubt.keeps_marker(row.options)]
+            self.server.settler(self.pusher.layout).gone(settled)
         if not result.complete:
             self.push_failed(result, "this producer's spilled rows")
         return result.complete
@@ -151,6 +152,18 @@ class SpillLane:
         """A call before the push (Redis's time) failed."""
         self.push_failed(PushResult(error=exc, sent=False), "this producer's rows")
 
+    def acquire(self, redis_error: BaseException | None) -> None:
+        """Take ``lock`` within the enqueue's time limit; OutboxUnavailable if another thread of this process
+        holds it longer (waiting on the same stalled outbox)."""
+        left = deadline.remaining()
+        if self.lock.acquire(timeout=-1 if left is None else max(left, 0.0)):
+            return
+        raise OutboxUnavailable(
+            "job not enqueued: Redis is unavailable and the outbox did not answer in time",
+            redis_error=redis_error,
+            outbox_error=OutboxTimeout(f"queue {self.queue!r}: another enqueue is still waiting on the outbox"),
+        )
+
     def append(self, spilled: list[SpilledJob], redis_error: BaseException | None) -> None:
         """Write ``spilled`` to the outbox; OutboxUnavailable (with both errors) if that fails too."""
         try:
@@ -158,11 +171,18 @@ class SpillLane:
         except SQLAlchemyError as exc:
             if exc.__context__ is None:
                 exc.__context__ = redis_error
+            in_doubt = self.outbox.in_doubt(exc)
+            if in_doubt:
+                doubt.remember(spilled)
             raise OutboxUnavailable(
-                "job not enqueued: Redis is unavailable and the outbox write failed",
+                "job may not be enqueued: Redis is unavailable and the outbox write did not answer"
+                if in_doubt
+                else "job not enqueued: Redis is unavailable and the outbox write failed",
                 redis_error=redis_error,
                 outbox_error=exc,
+                in_doubt=in_doubt,
             ) from exc
+        doubt.settled(spilled)
 
 
 # -- shared per process -----------------------------------------------------------------

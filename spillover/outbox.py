@@ -19,8 +19,8 @@ from typing import Any, NamedTuple, TypeVar
 from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.exc import DBAPIError
 
-from . import metrics, settings
-from .errors import BacklogFull, OutboxNotMigrated
+from . import deadline, metrics, settings
+from .errors import BacklogFull, OutboxNotMigrated, OutboxTimeout
 from .outbox_admin import OperatorQueries
 from .outbox_engine import create_outbox_engine, dispose_in_child, is_missing_table, producer_id
 from .pusher import EXISTS
@@ -76,6 +76,7 @@ class Outbox(OperatorQueries):
     ) -> None:
         if isinstance(url_or_engine, Engine):
             self.engine = url_or_engine
+            deadline.watch(self.engine)
         else:
             self.engine = create_outbox_engine(url_or_engine or settings.database_url(), busy_timeout=busy_timeout)
         self.max_backlog = settings.max_backlog() if max_backlog is None else max_backlog
@@ -96,6 +97,7 @@ class Outbox(OperatorQueries):
 
     @contextmanager
     def _transaction(self, read_only: bool = False) -> Iterator[Connection]:
+        deadline.check()
         try:
             conn = self.engine.connect()
             if read_only:
@@ -105,7 +107,25 @@ class Outbox(OperatorQueries):
         except DBAPIError as exc:
             if is_missing_table(exc):
                 raise OutboxNotMigrated(outbox.name) from exc
+            if deadline.overran():
+                raise self._timed_out(write=not read_only) from exc
             raise
+
+    def in_doubt(self, exc: BaseException) -> bool:
+        """Whether a failed write may have been applied all the same: the connection was lost (or cut at
+        the time limit) after the write was sent. Never on SQLite: an interrupted transaction rolls back."""
+        if self._is_sqlite:
+            return False
+        if isinstance(exc, OutboxTimeout):
+            return exc.in_doubt
+        return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+    def _timed_out(self, write: bool) -> OutboxTimeout:
+        return OutboxTimeout(
+            f"the outbox database did not answer within the time limit ({deadline.limit() or 0:g} s, "
+            "SPILLOVER_OUTBOX_TIMEOUT or outbox_timeout=)",
+            in_doubt=write and not self._is_sqlite,
+        )
 
     def check_schema(self) -> None:
         """Raise OutboxNotMigrated unless the tables and columns this version uses are there.
@@ -222,16 +242,23 @@ class Outbox(OperatorQueries):
         ``single_statement``: ``work`` runs one statement, which on Postgres runs in
         autocommit as its own transaction (one round trip instead of three).
         """
+        deadline.check()
+        lost = False
         try:
             try:
                 return self._run_raw(work, write, single_statement)
-            except _StaleConnection:
+            except _StaleConnection as stale:
+                if deadline.overran():  # cut at the time limit: no time for another try
+                    raise self._timed_out(write) from stale.error
                 return self._run_raw(work, write, single_statement)  # the server restarted since it was pooled
         except _StaleConnection as stale:
             error: Exception = stale.error
+            lost = True
         except self._dbapi_error as exc:
             error = exc
-        wrapped = DBAPIError.instance(sql, None, error, self._dbapi_error)
+        if deadline.overran():
+            raise self._timed_out(write) from error
+        wrapped = DBAPIError.instance(sql, None, error, self._dbapi_error, connection_invalidated=lost)
         if is_missing_table(wrapped):
             raise OutboxNotMigrated(outbox.name) from wrapped
         raise wrapped from error

@@ -9,6 +9,7 @@ SQLite is set up for many producer processes at once: WAL journal,
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import uuid
@@ -16,10 +17,10 @@ import weakref
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import StatementError
 
-from . import settings
+from . import deadline, settings
 from .errors import ConfigurationError
 from .schema import outbox
 
@@ -32,7 +33,9 @@ def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engi
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url)
+        engine = create_engine(url, connect_args=_network_bounds(parsed), pool_timeout=settings.outbox_timeout())
+        deadline.watch(engine)
+        return engine
     if parsed.database in (None, "", ":memory:"):
         raise ConfigurationError("an in-memory SQLite outbox is not durable; give it a file path")
     path = None if parsed.query.get("uri") else parsed.database
@@ -57,7 +60,28 @@ def create_outbox_engine(url: str, *, busy_timeout: float | None = None) -> Engi
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('spillover_begin', 'IMMEDIATE')}")
 
+    deadline.watch(engine)
     return engine
+
+
+def _network_bounds(url: URL) -> dict[str, Any]:
+    """libpq's own bounds, where the URL does not set them: connect_timeout, keepalives, TCP user timeout.
+
+    They end a connection the network lost (no answer, no RST); a server or proxy that accepts
+    the bytes and never answers is cut by the client-side deadline (deadline.py) instead.
+    """
+    if url.get_driver_name() not in ("psycopg", "psycopg2"):
+        return {}
+    bound = settings.outbox_timeout()
+    wanted = {
+        "connect_timeout": max(2, math.ceil(bound)),
+        "keepalives": 1,
+        "keepalives_idle": max(1, math.ceil(bound)),
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(bound * 1000),
+    }
+    return {name: value for name, value in wanted.items() if name not in url.query}
 
 
 def _create_owner_only(path: str) -> None:

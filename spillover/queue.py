@@ -26,7 +26,7 @@ from rq.queue import EnqueueData
 from rq.utils import now
 from sqlalchemy import Engine
 
-from . import metrics, settings
+from . import deadline, doubt, metrics, settings
 from .health import RedisHealth
 from .lanes import OutboxLike, SpillLane, lane_for, resolve_outbox, server_for
 from .pusher import DEFERRED, EXISTS, QUEUED, Pusher
@@ -87,6 +87,7 @@ class Queue(rq.Queue):
         redis_timeout: float | None = None,
         marker_ttl: int | None = None,
         target: str | None = None,
+        outbox_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(name, connection, *args, **kwargs)
@@ -102,6 +103,8 @@ class Queue(rq.Queue):
         self.target = resolve_target(target, self.connection)
         self._stored_target = stored_target(self.target, self.key_layout)  # the prefix travels with the rows
         self.marker_ttl = settings.marker_ttl() if marker_ttl is None else marker_ttl
+        #: Seconds an enqueue may spend on the outbox database before OutboxUnavailable.
+        self.outbox_timeout = settings.outbox_timeout() if outbox_timeout is None else outbox_timeout
         timeout = settings.redis_timeout() if redis_timeout is None else redis_timeout
         self._server = server_for(self.connection, timeout, settings.probe_interval(), self.key_layout)
         self._client = self._server.client
@@ -232,7 +235,14 @@ class Queue(rq.Queue):
     # -- choosing the path ---------------------------------------------------------
 
     def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:
+        """Into Redis if it is healthy and this lane is not spilling, else into the outbox.
+
+        The outbox side (the lane's lock, the resume checks, the INSERT) is bounded by
+        ``outbox_timeout`` counted from the call: OutboxUnavailable when it runs out.
+        """
         started = time.perf_counter()
+        called = time.monotonic()
+        rows = doubt.as_retries(rows)
         lane = self._lane
         failed: _Failed | None = None
         if not lane.spilling and self.health.is_up:
@@ -240,16 +250,20 @@ class Queue(rq.Queue):
             if failed is None:
                 self._count(metrics.DIRECT, len(jobs), started)
                 return
-        with lane.lock:
-            if failed is None and lane.may_resume():
-                failed = self._try_direct(jobs, rows)
-                if failed is None:
-                    self._count(metrics.DIRECT, len(jobs), started)
-                    return
-            lane.spilling = True
-            if failed is not None and failed.ambiguous:
-                rows = [replace(row, ambiguous=True) for row in rows]
-            lane.append(rows, failed.error if failed else self.health.last_error)
+        with deadline.budget(self.outbox_timeout, since=called):
+            lane.acquire(failed.error if failed else self.health.last_error)
+            try:
+                if failed is None and lane.may_resume():
+                    failed = self._try_direct(jobs, rows)
+                    if failed is None:
+                        self._count(metrics.DIRECT, len(jobs), started)
+                        return
+                lane.spilling = True
+                if failed is not None and failed.ambiguous:
+                    rows = [replace(row, ambiguous=True) for row in rows]
+                lane.append(rows, failed.error if failed else self.health.last_error)
+            finally:
+                lane.lock.release()
         for job in jobs:
             setattr(job, "spilled", True)  # noqa: B010 - Job has no such field
         self._count(metrics.SPILLED, len(jobs), started)
@@ -272,7 +286,10 @@ class Queue(rq.Queue):
         result = self._pusher.push(self.name, rows)
         done = [(row.job_id, row.delivery) for row in rows[: len(result.codes)]]
         if result.complete:
-            self._settler.confirmed(done)  # the reply came back: nobody will look for these markers
+            # the reply came back: nobody will look for these markers (but a retried delivery's first copy may)
+            kept = [doubt.keeps_marker(row.options) for row in rows]
+            self._settler.confirmed([item for item, keep in zip(done, kept, strict=False) if not keep])
+            doubt.settled(rows)
             for job, code in zip(jobs, result.codes, strict=True):
                 if code == EXISTS:  # unique=True (one job per call): RQ's error, nothing written
                     raise DuplicateJobError(f"Job with ID '{job.id}' already exists")

@@ -17,6 +17,7 @@ and says so in the outbox (registry.py), so rows nobody drains are reported.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import metrics, registry
+from . import deadline, doubt, metrics, registry
 from .endpoints import Heartbeat
 from .errors import ReplayError
 from .lease import QueueLease, live_leases
@@ -78,6 +79,7 @@ class ReplayConfig:
     retention: float = 0.0  # seconds to keep replayed rows; 0 deletes them at once
     max_attempts: int = 3
     lease_ttl: float = 10.0
+    outbox_timeout: float = 5.0  # each outbox call's bound (at most half the lease): a stalled one is cut
     queues: list[str] = field(default_factory=list)  # empty: every queue in the outbox
     target: str | None = None  # None: SPILLOVER_TARGET, else derived from the Redis client
     adopt_untargeted: bool = True  # drain rows with no target (0.1 producers, 0.1 schema)
@@ -135,8 +137,17 @@ class Replayer:
 
     # -- entry points ---------------------------------------------------------------
 
+    def _bounded_calls(self) -> contextlib.AbstractContextManager[None]:
+        """Each outbox call cut after ``outbox_timeout`` (at most half the lease): a stalled database
+        never keeps this replayer past its lease."""
+        return deadline.per_checkout(min(self.config.outbox_timeout, self.config.lease_ttl / 2))
+
     def run(self) -> None:
         """Drain until ``stopping`` is set; wait out Redis and outbox outages with capped backoff."""
+        with self._bounded_calls():
+            self._run()
+
+    def _run(self) -> None:
         self.outbox.check_schema()  # an outbox that never worked is a configuration error: say so, exit
         redis_wait = outbox_wait = 0.05
         try:
@@ -158,6 +169,7 @@ class Replayer:
                     # The outbox database restarted or is unreachable: what is in Redis is
                     # marked, what is not is still pending there; try again shortly.
                     log.warning("outbox unavailable (%s); retrying in %.1f s", _one_line(exc), outbox_wait)
+                    self._give_up_leases()
                     self.stopping.wait(outbox_wait)
                     outbox_wait = min(outbox_wait * 2, 5.0)
                     continue
@@ -180,6 +192,10 @@ class Replayer:
 
     def run_once(self, lease_wait: float | None = None) -> ReplayStats:
         """Drain everything pending and return; ReplayError if Redis or a queue's lease is not to be had."""
+        with self._bounded_calls():
+            return self._run_once(lease_wait)
+
+    def _run_once(self, lease_wait: float | None) -> ReplayStats:
         self.outbox.check_schema()
         if not self._redis_healthy():
             raise ReplayError("redis is unreachable; nothing replayed")
@@ -252,6 +268,12 @@ class Replayer:
             metrics.LEASE_HELD.set(len(self._held))
             moved += self.drain_group(group, lease, groups[group])
         return moved
+
+    def _give_up_leases(self) -> None:
+        """Forget the leases held (the outbox cannot be asked to release them: they expire): each queue
+        is taken again, with a new fence if another replayer held it meanwhile."""
+        self._held.clear()
+        metrics.LEASE_HELD.set(0)
 
     def release_leases(self) -> None:
         """Give back every queue lease (on the way out; they would expire by themselves)."""
@@ -475,7 +497,7 @@ class Replayer:
         """Remove rows Redis has confirmed from the outbox (or keep them as done), then settle their markers."""
         if rows:
             self.outbox.mark_delivered([row.id for row in rows], keep=self.config.retention > 0)
-            settler.gone([(row.job_id, row.delivery) for row in rows])
+            settler.gone([(row.job_id, row.delivery) for row in rows if not doubt.keeps_marker(row.options)])
             rows.clear()
 
     def _count(self, queue: str, codes: list[int]) -> None:

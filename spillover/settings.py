@@ -27,8 +27,9 @@ DEFAULT_MARKER_TTL = 7 * 24 * 3600
 DEFAULT_DELIVERY_WINDOW = 30.0
 #: Pending rows the outbox may hold before enqueue raises BacklogFull (0: no bound).
 DEFAULT_MAX_BACKLOG = 1_000_000
-#: Seconds SQLite waits on a locked database before giving up.
-DEFAULT_BUSY_TIMEOUT = 10.0
+#: Seconds an enqueue may spend on the outbox database in all (connect, lock waits, the INSERT, the
+#: commit's read-back) before it raises OutboxUnavailable; also each replayer call's bound.
+DEFAULT_OUTBOX_TIMEOUT = 5.0
 #: Seconds an upgrade waits for another upgrade of the same outbox (and for a table lock) before failing.
 DEFAULT_UPGRADE_LOCK_WAIT = 600.0
 
@@ -93,8 +94,16 @@ def max_backlog() -> int:
     return env_int("SPILLOVER_MAX_BACKLOG", DEFAULT_MAX_BACKLOG)
 
 
+def outbox_timeout() -> float:
+    timeout = env_float("SPILLOVER_OUTBOX_TIMEOUT", DEFAULT_OUTBOX_TIMEOUT)
+    if timeout <= 0:
+        raise ConfigurationError(f"SPILLOVER_OUTBOX_TIMEOUT must be above 0 (seconds), not {timeout}")
+    return timeout
+
+
 def busy_timeout() -> float:
-    return env_float("SPILLOVER_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT)
+    """SQLite's wait on a locked database when no enqueue's budget is shorter: the outbox timeout by default."""
+    return env_float("SPILLOVER_BUSY_TIMEOUT", outbox_timeout())
 
 
 def upgrade_lock_wait() -> float:

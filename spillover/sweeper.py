@@ -18,6 +18,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
+from . import deadline, settings
+
 log = logging.getLogger("spillover.sweeper")
 
 T = TypeVar("T")
@@ -83,7 +85,8 @@ class Sweeper(Generic[T]):
         while idle < 10:  # the thread ends after 10 idle intervals; add() starts another
             time.sleep(self.interval)
             if self.pending():
-                self.flush()
+                with deadline.per_checkout(settings.outbox_timeout()):  # a stalled outbox: retried next time
+                    self.flush()
                 idle = 0
             else:
                 idle += 1

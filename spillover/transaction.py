@@ -36,7 +36,7 @@ from sqlalchemy import Connection, Engine, event, insert, inspect
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
-from . import lanes, metrics
+from . import deadline, lanes, metrics
 from .errors import ConfigurationError, NotInTransaction, OutboxNotMigrated
 from .lanes import SpillLane
 from .markers import Settler
@@ -96,6 +96,7 @@ class Producing(Protocol):
 
     name: str
     connection: Any  # its Redis client
+    outbox_timeout: float
 
     def lane_within(self, engine: Engine) -> SpillLane: ...
 
@@ -107,6 +108,7 @@ class _Written:
     lane: SpillLane
     row: SpilledJob
     row_id: int
+    outbox_timeout: float  # the queue's: the commit's outbox calls for it are bounded by it
 
 
 class TransactionalQueue:
@@ -174,7 +176,8 @@ class TransactionalQueue:
         """Insert ``rows`` through the caller's connection, in its transaction; remember them for the commit."""
         connection = self._connection()
         missing = _check_schema(connection)
-        self.outbox.reserve_backlog(len(rows))
+        with deadline.budget(self.queue.outbox_timeout):  # spillover's own connection; the INSERT is the caller's
+            self.outbox.reserve_backlog(len(rows))
         producer = producer_id()
         params = [
             {
@@ -218,7 +221,9 @@ class TransactionalQueue:
         ):  # the rows have no delivery id: pushed at commit by their job id, as the replayer will
             rows = [replace(row, delivery=None) for row in rows]
         written = self.bind.info.setdefault(_INFO_KEY, [])
-        written.extend(_Written(self.lane, row, row_id) for row, row_id in zip(rows, ids, strict=True))
+        written.extend(
+            _Written(self.lane, row, row_id, self.queue.outbox_timeout) for row, row_id in zip(rows, ids, strict=True)
+        )
 
     def _connection(self) -> Connection:
         """The caller's connection, in its transaction: begun the way SQLAlchemy begins one on first use
@@ -317,7 +322,14 @@ def push_committed(written: list[_Written]) -> None:
 
     It runs inside ``commit()``, after the database commit: an error here must not look
     to the caller like a failed commit. Whatever is not pushed stays for the replayer.
+    Its outbox calls (the read-back, the resume checks) are bounded by the queues' outbox
+    time limit: on a stalled outbox the commit returns, and the replayer delivers the rows.
     """
+    with deadline.budget(max(item.outbox_timeout for item in written)):
+        _push_committed(written)
+
+
+def _push_committed(written: list[_Written]) -> None:
     # Redis's time before the rows are read back: each push's deadline counts from it (a replayer
     # may read, push and delete the same rows meanwhile; their markers outlive this deadline).
     lanes_written = {id(item.lane): item.lane for item in written}
