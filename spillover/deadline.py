@@ -35,6 +35,9 @@ from .errors import OutboxTimeout
 
 _local = threading.local()
 
+#: libpq's connect_timeout is whole seconds, and at least 2.
+LIBPQ_LEAST_CONNECT_TIMEOUT = 2
+
 
 def _until() -> float | None:
     return getattr(_local, "until", None)
@@ -127,9 +130,15 @@ def watch(engine: Engine) -> None:
     @event.listens_for(engine, "do_connect")
     def _connect_timeout(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
         until = _checkout_deadline()
-        if until is not None and not sqlite:
-            left = max(until - time.monotonic(), 0.0)
-            cparams["connect_timeout"] = max(2, math.ceil(left))  # libpq's minimum is 2 s
+        if until is None or sqlite:
+            return
+        left = until - time.monotonic()
+        # A connect cannot be cut from outside, and libpq waits at least 2 s: rather than overrun an
+        # enqueue's budget by more than a tenth, give up now.
+        seconds = limit()
+        if _until() is not None and seconds is not None and LIBPQ_LEAST_CONNECT_TIMEOUT - left > seconds / 10:
+            raise OutboxTimeout(f"too little of the outbox time limit ({seconds:g} s) left to connect")
+        cparams["connect_timeout"] = max(LIBPQ_LEAST_CONNECT_TIMEOUT, math.ceil(left))
 
     @event.listens_for(engine, "connect", insert=True)
     def _arm_new(dbapi_connection: Any, _record: Any) -> None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Engine, delete, func, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import deadline, metrics, settings
 from .errors import BacklogFull, OutboxNotMigrated, OutboxTimeout
@@ -108,7 +108,7 @@ class Outbox(OperatorQueries):
             if is_missing_table(exc):
                 raise OutboxNotMigrated(outbox.name) from exc
             if deadline.overran():
-                raise self._timed_out(write=not read_only) from exc
+                raise self._timed_out(not read_only) from exc
             raise
 
     def in_doubt(self, exc: BaseException) -> bool:
@@ -118,13 +118,13 @@ class Outbox(OperatorQueries):
             return False
         if isinstance(exc, OutboxTimeout):
             return exc.in_doubt
-        return isinstance(exc, DBAPIError) and exc.connection_invalidated
+        return bool(getattr(exc, "spillover_in_doubt", False))
 
-    def _timed_out(self, write: bool) -> OutboxTimeout:
+    def _timed_out(self, in_doubt: bool) -> OutboxTimeout:
         return OutboxTimeout(
             f"the outbox database did not answer within the time limit ({deadline.limit() or 0:g} s, "
             "SPILLOVER_OUTBOX_TIMEOUT or outbox_timeout=)",
-            in_doubt=write and not self._is_sqlite,
+            in_doubt=in_doubt and not self._is_sqlite,
         )
 
     def check_schema(self) -> None:
@@ -243,24 +243,33 @@ class Outbox(OperatorQueries):
         autocommit as its own transaction (one round trip instead of three).
         """
         deadline.check()
+        # A write sent on a connection that was then lost may have been applied ("before or while
+        # processing the request", as libpq says): whatever happens next, it stays in doubt.
         lost = False
         try:
             try:
                 return self._run_raw(work, write, single_statement)
             except _StaleConnection as stale:
+                lost = write and not self._is_sqlite
                 if deadline.overran():  # cut at the time limit: no time for another try
-                    raise self._timed_out(write) from stale.error
+                    raise self._timed_out(lost) from stale.error
                 return self._run_raw(work, write, single_statement)  # the server restarted since it was pooled
         except _StaleConnection as stale:
             error: Exception = stale.error
-            lost = True
+            lost = write and not self._is_sqlite
         except self._dbapi_error as exc:
             error = exc
+        except SQLAlchemyError as exc:  # no connection to be had (refused, or connect_timeout)
+            if deadline.overran():
+                raise self._timed_out(lost) from exc
+            exc.spillover_in_doubt = lost  # type: ignore[attr-defined]
+            raise
         if deadline.overran():
-            raise self._timed_out(write) from error
+            raise self._timed_out(lost) from error
         wrapped = DBAPIError.instance(sql, None, error, self._dbapi_error, connection_invalidated=lost)
         if is_missing_table(wrapped):
             raise OutboxNotMigrated(outbox.name) from wrapped
+        wrapped.spillover_in_doubt = lost  # type: ignore[attr-defined]
         raise wrapped from error
 
     def _run_raw(self, work: Callable[[Any], T], write: bool, single_statement: bool) -> T:
