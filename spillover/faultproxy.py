@@ -33,6 +33,7 @@ class FaultProxy:
         # an event set once the server has closed that connection (it ran all it was sent)
         self._held: list[tuple[bytearray, asyncio.StreamWriter, asyncio.Event]] = []
         self._ready = threading.Event()
+        self._generation = 0  # connections of an earlier generation are silent for good (move_to)
         self._thread = threading.Thread(target=self._run, name="spillover-faultproxy", daemon=True)
         self._sock = socket.create_server(("127.0.0.1", listen_port), reuse_port=False)
         self.port: int = self._sock.getsockname()[1]
@@ -48,6 +49,17 @@ class FaultProxy:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         asyncio.run_coroutine_threadsafe(self._set_mode(mode), self._loop).result(5)
+
+    def move_to(self, upstream_host: str, upstream_port: int) -> None:
+        """New connections go to another server (a virtual IP moved in a failover); the open ones fall
+        silent for good, as connections to a host that is gone without a word do: what their clients
+        send is dropped and nothing is answered, nothing is closed."""
+        asyncio.run_coroutine_threadsafe(self._move_to((upstream_host, upstream_port)), self._loop).result(5)
+
+    async def _move_to(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._generation += 1
+        self.mode = "pass"
 
     def deliver_held(self) -> int:
         """Send what ``hold`` kept to the server, then close those connections; bytes delivered."""
@@ -135,19 +147,24 @@ class FaultProxy:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
+        generation = self._generation
         muted = [False]  # this connection sent a big command while big replies are dropped
         held = bytearray()
         server_done = asyncio.Event()
 
         async def replies() -> None:
-            await self._pump(up_reader, writer, muted, replies=True)
+            await self._pump(up_reader, writer, muted, replies=True, generation=generation)
             server_done.set()
 
         await asyncio.gather(
-            self._pump(reader, up_writer, muted, replies=False, held=held, server_done=server_done),
+            self._pump(
+                reader, up_writer, muted, replies=False, held=held, server_done=server_done, generation=generation
+            ),
             replies(),
             return_exceptions=True,
         )
+        while generation != self._generation and not writer.transport.is_closing():
+            await asyncio.sleep(1)  # moved away from: the client's side stays open and silent
         for w in (writer, up_writer):
             self._writers.discard(w)
             w.transport.abort()
@@ -160,9 +177,12 @@ class FaultProxy:
         replies: bool,
         held: bytearray | None = None,
         server_done: asyncio.Event | None = None,
+        generation: int | None = None,
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
+                if generation is not None and generation != self._generation:
+                    continue  # a connection to the server moved away from: dropped, unanswered
                 if not replies and self.mode == "drop_big_replies" and len(data) > BIG:
                     muted[0] = True
                 if self.mode == "hold":
@@ -180,4 +200,6 @@ class FaultProxy:
         if held:
             await self._delivered.wait()  # the client is gone; its held request is not, yet
             return
+        if generation is not None and generation != self._generation:
+            return  # moved away from: nothing is closed either (_serve keeps the client's side open)
         writer.transport.abort()

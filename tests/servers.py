@@ -114,16 +114,21 @@ def _reachable(host: str, port: int) -> bool:
 class PostgresCluster:
     """A throwaway PostgreSQL cluster (initdb + pg_ctl as the postgres user) that a test may restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, standby_of: PostgresCluster | None = None) -> None:
+        """A new cluster; or, ``standby_of`` a running one, its streaming standby (``pg_basebackup -R``)."""
         initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
         if initdb is None or shutil.which("runuser") is None:
             raise RuntimeError("no initdb/runuser to start a PostgreSQL cluster")
-        self.bindir = Path(initdb).parent
+        self.bindir = Path(initdb).resolve().parent  # initdb may be a link; pg_basebackup is beside the real one
         self.port = free_port()
         self.data = Path(f"/tmp/spillover-pg-{self.port}")
-        self.data.mkdir()
-        shutil.chown(self.data, "postgres")
-        self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        if standby_of is None:
+            self.data.mkdir()
+            shutil.chown(self.data, "postgres")
+            self._pg("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        else:
+            source = ("-h", "127.0.0.1", "-p", str(standby_of.port), "-U", "postgres")
+            self._pg("pg_basebackup", "-D", str(self.data), "-R", "-X", "stream", "-c", "fast", *source)
         self.start()
 
     @property
@@ -144,6 +149,10 @@ class PostgresCluster:
 
     def stop(self, mode: str = "fast") -> None:
         self._pg("pg_ctl", "-D", str(self.data), "-w", "-m", mode, "stop")
+
+    def promote(self) -> None:
+        """A standby becomes a primary (returns once it takes writes)."""
+        self._pg("pg_ctl", "-D", str(self.data), "-w", "promote")
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
