@@ -187,6 +187,13 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     help="Job-hash bytes per Redis call at most (a larger row goes alone).",
 )
 @env_option(
+    "--batch-time",
+    type=click.FloatRange(0.001, 4.0),
+    default=0.05,
+    env="SPILLOVER_BATCH_TIME",
+    help="Seconds a batch's script may run in Redis; batches are sized to it (Redis serves no one else meanwhile).",
+)
+@env_option(
     "--poll-interval",
     type=click.FloatRange(0.01),
     default=1.0,
@@ -263,6 +270,7 @@ def replay_main(
     once: bool,
     batch_size: int,
     batch_bytes: int,
+    batch_time: float,
     poll_interval: float,
     marker_ttl: int,
     delivery_window: float,
@@ -291,6 +299,7 @@ def replay_main(
     config = ReplayConfig(
         batch_size=batch_size,
         batch_bytes=batch_bytes,
+        batch_time=batch_time,
         poll_interval=poll_interval,
         marker_ttl=marker_ttl,
         delivery_window=delivery_window,

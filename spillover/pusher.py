@@ -92,6 +92,7 @@ class PushResult:
     refusal: str | None = None
     row_error: bool = False  # ``error`` is the reply of row ``len(codes)``, not of the call
     sent: bool = True  # False: it failed before the call was sent (no connection, Redis's time not known)
+    ran_us: int | None = None  # how long the script ran, by Redis's clock (None: it did not run its rows)
 
     @property
     def complete(self) -> bool:
@@ -322,9 +323,10 @@ class PendingPush:
             return PushResult(refusal=reply[2].decode())
         codes = [int(code) for code in reply[0].decode()]
         failure = reply[1].decode("utf-8", "replace") if reply[1] else None
+        ran_us = int(reply[5]) if len(reply) > 5 else None
         if failure is None:
-            return PushResult(codes)
-        return PushResult(codes, ResponseError(failure), row_error=reply[4] != b"1")
+            return PushResult(codes, ran_us=ran_us)
+        return PushResult(codes, ResponseError(failure), row_error=reply[4] != b"1", ran_us=ran_us)
 
 
 def rq_timestamp(wall: float) -> str:

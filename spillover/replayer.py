@@ -73,6 +73,7 @@ class RedisUnavailable(Exception):
 class ReplayConfig:
     batch_size: int = 500
     batch_bytes: int = 8 * 1024 * 1024  # job-hash bytes per Redis call (a row larger than this goes alone)
+    batch_time: float = 0.05  # seconds a batch's script should run at most: batches are sized by it
     poll_interval: float = 1.0
     marker_ttl: int = 7 * 24 * 3600  # the backstop: how long a marker lives while its row is in the outbox
     delivery_window: float = 30.0  # how long a push may take to arrive, and a settled marker lives
@@ -85,6 +86,17 @@ class ReplayConfig:
     adopt_untargeted: bool = True  # drain rows with no target (0.1 producers, 0.1 schema)
     redis_url: str = ""  # as shown to operators (password masked), in the registry
 
+
+#: Rows in a queue's first batch; doubled while batches run well under ``batch_time``.
+SLOW_START_ROWS = 64
+#: A request at least this big (job-hash bytes) that Redis answers by closing the connection, while it takes
+#: a probe write at once, is taken as too large for Redis, not as an outage.
+CLOSED_ON_REQUEST_MIN = 512 * 1024
+#: Why a row Redis closes the connection on is failed (and dead after --max-attempts).
+TOO_LARGE = (
+    "redis closed the connection on this row's request while answering others: the job is larger than "
+    "redis accepts in one request (proto-max-bulk-len, client-query-buffer-limit)"
+)
 
 #: Rows nobody drains for longer than this are warned about, at most once per this many seconds.
 UNCLAIMED_WARN_AFTER = 60.0
@@ -113,6 +125,7 @@ class Replayer:
         # Leases of the groups this replayer drains, kept from pass to pass while the group has rows:
         # a queue that producers keep filling is drained without taking its lease again each time.
         self._held: dict[Group, QueueLease] = {}
+        self._batch_rows: dict[Group, int] = {}  # per queue: rows per batch, sized by the script's run time
         self._untargeted_queues: set[str] = set()  # queues with rows that have no target
         self._claims: set[registry.Claim] = set()  # the targeted row groups it drained at its last look
         self._pending: tuple[float, list[PendingGroup]] = (-1e9, [])  # the last pass's look at the outbox
@@ -357,7 +370,7 @@ class Replayer:
         spelled = display_target(group.lease_name)
         spelled = "" if spelled == self.target else f" (rows of {spelled})"
         log.info("draining queue %s: %d left%s", queue, left, spelled)
-        started, moved, size = time.monotonic(), 0, self.config.batch_size
+        started, moved = time.monotonic(), 0
         confirmed: list[OutboxRow] = []  # in Redis, not yet removed from the outbox
         pusher, settler = self._keys_of(group)
 
@@ -366,7 +379,7 @@ class Replayer:
         def fetch(exclude: list[int] | None = None) -> tuple[list[OutboxRow], float]:
             """The next rows, and Redis's time before they were read: their push's deadline counts from it."""
             read_at = self._redis_time()
-            limit = 1 if isolating else size
+            limit = 1 if isolating else self._batch_rows.get(group, min(self.config.batch_size, SLOW_START_ROWS))
             found = self.outbox.fetch_pending(group.target, queue, limit, exclude or (), group.host)
             return within_bytes(found, self.config.batch_bytes), read_at
 
@@ -396,6 +409,8 @@ class Replayer:
                     raise
                 if push is not None:
                     result = push.result()
+                    if result.ran_us is not None:
+                        self._resize(group, len(good), result.ran_us)
                     if result.refusal is not None:
                         metrics.REFUSED.labels(result.refusal.lower()).inc()
                     if result.refusal == FENCED:
@@ -421,6 +436,19 @@ class Replayer:
                     moved += len(result.codes)
                     self._count(queue, result.codes)
                     if result.error is not None:
+                        if self._closed_on_request(result.error, good[len(result.codes) :]):
+                            # not an outage: Redis dropped this request (over its limits) and answers others
+                            self._confirm(confirmed, settler)
+                            unsent = good[len(result.codes) :]
+                            if len(unsent) > 1:
+                                log.warning("queue %s: redis closed the connection on a batch; row by row", queue)
+                                isolating = len(unsent)
+                            elif not self._failed(unsent[0], TOO_LARGE):
+                                break  # the queue waits for this row: order first
+                            else:
+                                moved += 1
+                            rows, read_at = fetch()
+                            continue
                         if result.outage or not result.row_error:
                             raise self._redis_failed(result.error)
                         self._confirm(confirmed, settler)
@@ -486,6 +514,33 @@ class Replayer:
         except redis.RedisError as exc:
             raise self._redis_failed(exc) from exc
         return lease.fence
+
+    def _resize(self, group: Group, sent: int, ran_us: int) -> None:
+        """Size ``group``'s next batches so the script runs about ``batch_time``: Redis serves nobody else
+        meanwhile, and past its busy threshold answers BUSY to every client (producers would spill)."""
+        target_us = self.config.batch_time * 1_000_000
+        size = self._batch_rows.get(group, min(self.config.batch_size, SLOW_START_ROWS))
+        if ran_us > target_us and sent > 1:
+            size = max(1, int(sent * target_us / ran_us))
+            log.debug("queue %s: a batch of %d rows ran %.1f ms; %d rows next", group.queue, sent, ran_us / 1000, size)
+        elif sent >= size and ran_us < target_us / 2:
+            size = min(self.config.batch_size, size * 2)
+        self._batch_rows[group] = size
+
+    def _closed_on_request(self, exc: BaseException, rows: list[OutboxRow]) -> bool:
+        """Whether Redis closed the connection on this request but takes a write at once on a new one: the
+        request is what it refuses (larger than ``proto-max-bulk-len`` or ``client-query-buffer-limit``),
+        not an outage. Only for requests bigger than any probe (a blip on a small batch stays an outage)."""
+        refused = isinstance(exc, redis.ConnectionError) or (
+            isinstance(exc, redis.ResponseError) and str(exc).startswith("Protocol error")  # then it closes
+        )
+        if not refused or sum(len(row.job_hash) for row in rows) < CLOSED_ON_REQUEST_MIN:
+            return False
+        try:
+            probe_write(self.client, self._probe_key)
+        except redis.RedisError:
+            return False
+        return True
 
     def _redis_failed(self, exc: BaseException) -> BaseException:
         if not is_outage(exc):
