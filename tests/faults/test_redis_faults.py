@@ -85,9 +85,11 @@ def test_refused_and_stalled_redis_keep_producers_within_their_bound(redis_serve
     enqueued, reports = producers.finish()
     for report in reports:
         assert report["max"] < 1.0, f"an enqueue took {report['max']:.2f} s"
-        # While down, the breaker keeps enqueues away from Redis: none waits out the 0.5 s Redis timeout.
-        # (What an enqueue costs then, the outbox write plus about a millisecond, is the benchmark's to say.)
-        assert report["p99_while_down"] < 0.25, f"p99 while down {report['p99_while_down']:.3f} s"
+        # While down, the breaker keeps enqueues away from Redis: none waits out the 0.5 s Redis timeout
+        # (each would, against the stalled one). The bound sits just under that timeout, not near the write's
+        # cost: 60 samples make p99 their second largest, and one fsync beside CPU burners took 0.33 s.
+        # (What an enqueue costs while down, the outbox write plus about a millisecond, is the benchmark's.)
+        assert report["p99_while_down"] < 0.45, f"p99 while down {report['p99_while_down']:.3f} s"
     wait_drained(sqlite_url, redis_server.client(), sum(enqueued.values()))
     stop(replayer)
     assert_exactly_once_in_order(redis_server.client(), sqlite_url, enqueued)
