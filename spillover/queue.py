@@ -137,6 +137,13 @@ class Queue(rq.Queue):
     counted in ``spillover_unique_skipped_total``, shown by ``spillover status``).
     Calls that pass their own ``pipeline=``, and ``is_async=False`` queues, are RQ's own and
     are not spilled.
+
+    ``depends_on``: RQ counts a parent it cannot find in Redis as done. A parent whose row went to an
+    outbox (spilled, or enqueued ``within()`` a transaction) is not done until it is pushed: its child,
+    on any queue and whichever way it goes, is deferred (RQ's deferred registry, the parent's dependents)
+    until the parent is pushed and finishes, when RQ enqueues it. Known from the parent ``Job`` enqueue
+    returned, or, for a parent given by id, from this process's last 10,000 such ids. A child of a
+    transactional parent that rolls back stays deferred, visible in RQ's deferred registry, never run.
     """
 
     def __init__(
@@ -194,7 +201,9 @@ class Queue(rq.Queue):
         Session's commit the producer pushes it into RQ at once; otherwise, and whenever
         that push cannot happen, the replayer delivers it. Nothing reaches Redis before
         the commit. A Session or Connection with no transaction yet begins one, as SQLAlchemy's
-        autobegin does; spillover never commits or rolls it back.
+        autobegin does; spillover never commits or rolls it back. A job enqueued outside the
+        transaction that depends on it is deferred until it is pushed and finishes; if the
+        transaction rolls back, that child stays deferred (never run).
         """
         return TransactionalQueue(self, session_or_connection, _WithinWriter)
 
