@@ -162,8 +162,8 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
   end
   -- A dependents set already there while the job is not: children pushed before this job (outbox_parents),
   -- registered as RQ registers the dependents of a job it has. RQ would have added them after the job and
-  -- its ttl: they stay without it, as in RQ.
-  local waiting = redis.call('EXISTS', job_key) == 0 and redis.call('EXISTS', job_key .. ':dependents') == 1
+  -- its ttl: they stay without it, as in RQ (looked at only for a job with a ttl).
+  local waiting = ttl ~= '' and redis.call('EXISTS', job_key) == 0 and redis.call('EXISTS', job_key .. ':dependents') == 1
   write('HSET', job_key, unpack(fields))
   if code == 2 then write('ZADD', deferred_key, clock[1], job_id) end
   if code == 2 or opts.register then -- enqueue_many registers every dependent job, met or not
