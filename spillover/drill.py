@@ -167,8 +167,9 @@ def _maintenance_keys(layout: KeyLayout) -> list[str]:
 def leave_nothing_behind(conn: redis.Redis, run: str, queue_name: str, layout: KeyLayout) -> None:
     """Remove every key the drill made (jobs, results, markers, registries, its worker, its queue)."""
     with contextlib.suppress(redis.RedisError):
-        mine = layout.marker_prefix + delivery_prefix() + "*"  # the markers of this process's deliveries
-        for pattern in (f"*{queue_name}*", f"*drill-{run}-*", f"spillover:drill:{run}:*", mine):
+        mine = delivery_prefix() + "*"  # the markers and push traces of this process's deliveries
+        patterns = (f"*{queue_name}*", f"*drill-{run}-*", f"spillover:drill:{run}:*")
+        for pattern in (*patterns, layout.marker_prefix + mine, layout.pushed_prefix + mine):
             keys = list(conn.scan_iter(match=pattern, count=1000))
             if keys:
                 conn.delete(*keys)

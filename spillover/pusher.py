@@ -194,8 +194,9 @@ class Pusher:
         *,
         read_at: float | None = None,
         fence: Fence | None = None,
+        from_outbox: bool = True,
     ) -> PushResult:
-        return self.start(queue, rows, read_at=read_at, fence=fence).result()
+        return self.start(queue, rows, read_at=read_at, fence=fence, from_outbox=from_outbox).result()
 
     def start(
         self,
@@ -204,11 +205,13 @@ class Pusher:
         *,
         read_at: float | None = None,
         fence: Fence | None = None,
+        from_outbox: bool = True,
     ) -> PendingPush:
         """Send a push and return at once (``result()`` reads the reply), so the caller can work meanwhile.
 
         ``read_at``: ``clock.now_ms()`` taken before ``rows`` were read from the outbox (default: now);
-        the deadline counts from it.
+        the deadline counts from it. ``from_outbox``: the rows are outbox rows (a direct write's are not),
+        whose pushes leave a trace for their dependents (``KeyLayout.pushed_prefix``).
         """
         try:
             deadline = (self.clock.now_ms() if read_at is None else read_at) + self.window_ms
@@ -239,6 +242,8 @@ class Pusher:
             score,
             rq_timestamp(wall),
             pack_rows(rows),
+            keys.pushed_prefix,
+            "1" if from_outbox else "0",
         ]
         return self._send(args)
 

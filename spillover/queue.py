@@ -10,8 +10,10 @@ one producer's jobs reach RQ in the order they were enqueued.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -21,7 +23,7 @@ import redis
 import rq
 from redis.client import Pipeline
 from rq.exceptions import DuplicateJobError
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
 from rq.queue import EnqueueData
 from rq.utils import now
 from sqlalchemy import Engine
@@ -60,6 +62,65 @@ def was_spilled(job: Job) -> bool:
     return bool(getattr(job, "spilled", False))
 
 
+#: The attribute of a Job whose row went to an outbox (spilled, or written within a transaction):
+#: that row's delivery id, which its dependents' rows record (push.lua defers them until it is pushed).
+OUTBOX_DELIVERY = "spillover_delivery"
+#: Job ids recently written to an outbox by this process, most recent last: parents given by id.
+RECENT_OUTBOX_ROWS = 10_000
+
+
+class _OutboxRows:
+    """Job id -> delivery id of this process's last outbox row of that id (bounded, no database read).
+
+    A child given its parent as an id string learns here that the parent's row went to an outbox.
+    An id enqueued again straight into Redis is forgotten (its parent is then RQ's, as it is).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._rows: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def add(self, jobs: Sequence[Job], rows: Sequence[SpilledJob]) -> None:
+        with self._lock:
+            for job, row in zip(jobs, rows, strict=True):
+                if row.delivery is None:
+                    continue
+                setattr(job, OUTBOX_DELIVERY, row.delivery)
+                self._rows.pop(job.id, None)
+                self._rows[job.id] = row.delivery
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+
+    def forget(self, jobs: Sequence[Job]) -> None:
+        with self._lock:
+            for job in jobs:
+                self._rows.pop(job.id, None)
+                if getattr(job, OUTBOX_DELIVERY, None) is not None:
+                    setattr(job, OUTBOX_DELIVERY, None)
+
+    def get(self, job_id: str) -> str | None:
+        return self._rows.get(job_id)
+
+
+_outbox_rows = _OutboxRows(RECENT_OUTBOX_ROWS)
+
+
+def _outbox_parents(depends_on: Any) -> dict[str, str]:
+    """Of the parents given to ``create_job``, those given as Job objects whose row went to an outbox."""
+    found: dict[str, str] = {}
+    for item in depends_on if isinstance(depends_on, (list, tuple)) else [depends_on]:
+        parents: Any = item.dependencies if isinstance(item, Dependency) else item
+        for parent in parents if isinstance(parents, (list, tuple)) else [parents]:
+            delivery = getattr(parent, OUTBOX_DELIVERY, None)
+            if isinstance(parent, Job) and delivery is not None:
+                found[parent.id] = delivery
+    return found
+
+
 class Queue(rq.Queue):
     """Drop-in ``rq.Queue``; adds ``outbox=`` (URL, Engine or Outbox) and bounded Redis time.
 
@@ -76,6 +137,13 @@ class Queue(rq.Queue):
     counted in ``spillover_unique_skipped_total``, shown by ``spillover status``).
     Calls that pass their own ``pipeline=``, and ``is_async=False`` queues, are RQ's own and
     are not spilled.
+
+    ``depends_on``: RQ counts a parent it cannot find in Redis as done. A parent whose row went to an
+    outbox (spilled, or enqueued ``within()`` a transaction) is not done until it is pushed: its child,
+    on any queue and whichever way it goes, is deferred (RQ's deferred registry, the parent's dependents)
+    until the parent is pushed and finishes, when RQ enqueues it. Known from the parent ``Job`` enqueue
+    returned, or, for a parent given by id, from this process's last 10,000 such ids. A child of a
+    transactional parent that rolls back stays deferred, visible in RQ's deferred registry, never run.
     """
 
     def __init__(
@@ -136,7 +204,9 @@ class Queue(rq.Queue):
         Session's commit the producer pushes it into RQ at once; otherwise, and whenever
         that push cannot happen, the replayer delivers it. Nothing reaches Redis before
         the commit. A Session or Connection with no transaction yet begins one, as SQLAlchemy's
-        autobegin does; spillover never commits or rolls it back.
+        autobegin does; spillover never commits or rolls it back. A job enqueued outside the
+        transaction that depends on it is deferred until it is pushed and finishes; if the
+        transaction rolls back, that child stays deferred (never run).
         """
         return TransactionalQueue(self, session_or_connection, _WithinWriter)
 
@@ -220,6 +290,14 @@ class Queue(rq.Queue):
             self._deliver(jobs, rows)
         return jobs
 
+    def create_job(self, *args: Any, **kwargs: Any) -> Job:
+        """RQ's ``create_job``; a parent given as a Job whose row went to an outbox is remembered with it."""
+        job = super().create_job(*args, **kwargs)
+        depends_on = kwargs.get("depends_on")
+        if depends_on is not None:
+            job._spillover_parents = _outbox_parents(depends_on)  # type: ignore[attr-defined]
+        return job
+
     def _check_enqueue(self, job: Job, unique: bool) -> None:
         """The checks RQ's ``enqueue_job`` makes before writing anything, with its errors."""
         check_prefix = getattr(self, "_check_rate_limit_namespace", None)  # RQ 3
@@ -264,6 +342,7 @@ class Queue(rq.Queue):
                 lane.append(rows, failed.error if failed else self.health.last_error)
             finally:
                 lane.lock.release()
+        _outbox_rows.add(jobs, rows)
         for job in jobs:
             setattr(job, "spilled", True)  # noqa: B010 - Job has no such field
         self._count(metrics.SPILLED, len(jobs), started)
@@ -283,13 +362,15 @@ class Queue(rq.Queue):
 
         Any other error is raised, as RQ raises it.
         """
-        result = self._pusher.push(self.name, rows)
+        result = self._pusher.push(self.name, rows, from_outbox=False)
         done = [(row.job_id, row.delivery) for row in rows[: len(result.codes)]]
         if result.complete:
             # the reply came back: nobody will look for these markers (but a retried delivery's first copy may)
             kept = [doubt.keeps_marker(row.options) for row in rows]
             self._settler.confirmed([item for item, keep in zip(done, kept, strict=False) if not keep])
             doubt.settled(rows)
+            if _outbox_rows:  # these ids are in Redis now, as RQ writes them: no longer outbox parents
+                _outbox_rows.forget(jobs)
             for job, code in zip(jobs, result.codes, strict=True):
                 if code == EXISTS:  # unique=True (one job per call): RQ's error, nothing written
                     raise DuplicateJobError(f"Job with ID '{job.id}' already exists")
@@ -355,6 +436,16 @@ class Queue(rq.Queue):
                 options["register"] = True
             if job.allow_dependency_failures and (many or RQ_MAJOR >= 3):
                 options["failed_ok"] = True
+            # Parents whose rows went to an outbox (spilled, or written within a transaction), with their
+            # delivery ids: until such a parent is pushed, its absence from Redis does not mean done.
+            given: dict[str, str] = getattr(job, "_spillover_parents", None) or {}
+            in_outbox = {}
+            for parent in job._dependency_ids:
+                delivery = given.get(parent) or _outbox_rows.get(parent)
+                if delivery is not None:
+                    in_outbox[parent] = delivery
+            if in_outbox:
+                options["outbox_parents"] = in_outbox
         return SpilledJob(
             target=self._stored_target,
             queue=self.name,
@@ -419,5 +510,6 @@ class _WithinWriter(Queue):
 
     def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:
         self._owner.write(rows)
+        _outbox_rows.add(jobs, rows)  # its dependents wait for its push: it may never come (a rollback)
         for job in jobs:
             setattr(job, "spilled", False)  # noqa: B010 - Job has no such field

@@ -100,6 +100,12 @@ class KeyLayout:
         return self._ours + "delivered:"
 
     @property
+    def pushed_prefix(self) -> str:
+        """``<delivery id>`` -> '1': this outbox row was pushed (lives for the backstop, past its marker), so
+        that its dependents pushed later know it is not still to come."""
+        return self._ours + "pushed:"
+
+    @property
     def fence_prefix(self) -> str:
         return self._ours + "fence:"
 

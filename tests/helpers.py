@@ -25,8 +25,8 @@ ROOT = TESTS.parent
 # Fields whose value is a time, so they differ between two runs of the same enqueue.
 TIME_FIELDS = {"created_at", "enqueued_at", "last_heartbeat"}
 #: spillover's own keys: delivery markers (this release's, by delivery id, and the job-id keys it keeps
-#: for older replayers) and the queues' fences.
-MARKER_KEYS = (MARKER_PREFIX, LEGACY_MARKER_PREFIX, FENCE_PREFIX)
+#: for older replayers), the queues' fences and the traces of outbox rows' pushes.
+MARKER_KEYS = (MARKER_PREFIX, LEGACY_MARKER_PREFIX, FENCE_PREFIX, LAYOUT.pushed_prefix)
 
 
 def snapshot(client: redis.Redis, keep_markers: bool = False, relative_schedule: bool = False) -> dict[str, Any]:

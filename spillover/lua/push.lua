@@ -14,7 +14,8 @@
 -- ARGV: queue_key, queues_set, job_prefix, scheduled_key, deferred_key,
 --       marker_prefix, legacy_prefix, backstop_ms, deadline_ms, fence_key ('' = none),
 --       fence_token, window_ms, rate_limit_prefix, rate_limit_keys, group_prefix, groups_set,
---       client time (s, RQ's scores), client time as RQ formats it (enqueued_at), rows.
+--       client time (s, RQ's scores), client time as RQ formats it (enqueued_at), rows,
+--       pushed_prefix, trace ('1': the rows come from an outbox, leave a trace of each push).
 -- rows is one MessagePack array with, per row, the array
 --       {job_id, delivery ('' = a row of a release before 0.4), at_front (0/1),
 --        scheduled_at ('' = now), job hash, options (JSON, '' = none)}
@@ -23,7 +24,8 @@
 -- unique (write nothing if the job id exists: RQ's unique=True), group (add the job to
 -- that RQ Group), failed_ok (a failed parent counts as done, as RQ 3's enqueue and every
 -- enqueue_many decide for allow_dependency_failures), register (record the dependencies even
--- when they are met, as enqueue_many does).
+-- when they are met, as enqueue_many does), outbox_parents ({parent id: delivery id} of parents whose
+-- rows went to an outbox: see must_defer).
 -- A job hash with rate_limit_key goes through RQ 3's rate limit: it waits in the limit's
 -- set and the free slots are filled, oldest first, as RQ's acquire script does.
 -- Returns {codes, error, refusal, redis time ms, call, µs the rows took}: codes has one digit per processed row
@@ -40,6 +42,7 @@ local deadline, fence_key, fence_token = tonumber(ARGV[9]), ARGV[10], ARGV[11]
 local window = tonumber(ARGV[12])
 local rl_prefix, rl_keys, group_prefix, groups_set = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 local client_s, client_stamp = ARGV[17], ARGV[18]
+local pushed_prefix, trace = ARGV[20], ARGV[21] == '1'
 -- Scores of rate-limited rows: the client time in whole µs (ARGV[17]), then +1 µs per row; exact
 -- integers in a Lua number, written as seconds with six decimals.
 local rate_us = tonumber(client_s)
@@ -66,12 +69,24 @@ local function write(...)
 end
 
 -- RQ defers a job while any parent exists and is not finished (RQ 3, allow_dependency_failures:
--- nor failed).
-local function must_defer(deps, failed_ok)
+-- nor failed); a parent it cannot find counts as done. Not so a parent whose row went to an outbox
+-- (outbox_parents) and has not been pushed yet (neither its delivery marker nor the trace of its
+-- push exists): the job is deferred and registered as its dependent, as RQ does for an unfinished
+-- parent, and RQ enqueues it once that parent, pushed at last, finishes (or fails, for a job that
+-- allows failures). A parent pushed, finished and expired since counts as done, as in RQ.
+local function pushed(delivery)
+  return redis.call('EXISTS', marker_prefix .. delivery, pushed_prefix .. delivery) > 0
+end
+
+local function must_defer(deps, failed_ok, outbox_parents)
   for _, dep in ipairs(deps) do
     local status = redis.call('HGET', job_prefix .. dep, 'status')
     local met = status == 'finished' or (failed_ok and status == 'failed')
-    if redis.call('EXISTS', job_prefix .. dep) == 1 and not met then return true end
+    if redis.call('EXISTS', job_prefix .. dep) == 1 then
+      if not met then return true end
+    elseif outbox_parents and type(outbox_parents[dep]) == 'string' and not pushed(outbox_parents[dep]) then
+      return true
+    end
   end
   return false
 end
@@ -130,7 +145,7 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
 
   local code = 1
   if scheduled_at ~= '' then code = 3
-  elseif #deps > 0 and must_defer(deps, opts.failed_ok) then code = 2
+  elseif #deps > 0 and must_defer(deps, opts.failed_ok, opts.outbox_parents) then code = 2
   elseif limit and concurrency then code = 5 end
 
   if code == 2 then
@@ -145,6 +160,10 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
     end
     fields = hash
   end
+  -- A dependents set already there while the job is not: children pushed before this job (outbox_parents),
+  -- registered as RQ registers the dependents of a job it has. RQ would have added them after the job and
+  -- its ttl: they stay without it, as in RQ (looked at only for a job with a ttl).
+  local waiting = ttl ~= '' and redis.call('EXISTS', job_key) == 0 and redis.call('EXISTS', job_key .. ':dependents') == 1
   write('HSET', job_key, unpack(fields))
   if code == 2 then write('ZADD', deferred_key, clock[1], job_id) end
   if code == 2 or opts.register then -- enqueue_many registers every dependent job, met or not
@@ -155,7 +174,7 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
   end
   if ttl ~= '' and tonumber(ttl) > 0 then
     write('EXPIRE', job_key, ttl)
-    write('EXPIRE', job_prefix .. job_id .. ':dependents', ttl)
+    if not waiting then write('EXPIRE', job_prefix .. job_id .. ':dependents', ttl) end
     write('EXPIRE', job_prefix .. ':' .. job_id .. ':dependencies', ttl)
   end
   -- Everything that may fail goes before the job is made runnable: a row that fails half-way is
@@ -186,6 +205,9 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
   else
     write('SET', marker_prefix .. delivery, '1', 'PX', backstop)
     write('SET', legacy_prefix .. job_id, delivery, 'PX', backstop)
+    -- An outbox row's push outlives its marker (settled one window after the row is gone): a dependent
+    -- pushed later, once this job has finished and expired, must still see that it was pushed.
+    if trace then write('SET', pushed_prefix .. delivery, '1', 'PX', backstop) end
   end
   return code
 end
