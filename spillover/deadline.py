@@ -37,6 +37,8 @@ _local = threading.local()
 
 #: libpq's connect_timeout is whole seconds, and at least 2.
 LIBPQ_LEAST_CONNECT_TIMEOUT = 2
+#: Seconds a connect begun late in an enqueue's budget may overrun it (or a tenth of the budget, if more).
+CONNECT_OVERRUN = 0.5
 
 
 def _until() -> float | None:
@@ -121,7 +123,12 @@ def _armed_here() -> set[int]:
 
 
 def watch(engine: Engine) -> None:
-    """Bound ``engine``'s connections by their thread's deadline (idempotent)."""
+    """Bound ``engine``'s connections by their thread's deadline (idempotent).
+
+    Armed per pool record (a slot of the pool, which outlives its DBAPI connections), disarmed when
+    the connection goes back; a connection the watchdog cut is invalidated on its way back, never
+    handed to another caller.
+    """
     if getattr(engine.pool, "_spillover_watched", False):
         return
     engine.pool._spillover_watched = True  # type: ignore[attr-defined]
@@ -133,49 +140,68 @@ def watch(engine: Engine) -> None:
         if until is None or sqlite:
             return
         left = until - time.monotonic()
-        # A connect cannot be cut from outside, and libpq waits at least 2 s: rather than overrun an
-        # enqueue's budget by more than a tenth, give up now.
+        # A connect cannot be cut from outside, and libpq waits whole seconds, at least 2: rather than
+        # overrun an enqueue's budget by more than CONNECT_OVERRUN (or a tenth of it), give up now.
         seconds = limit()
-        if _until() is not None and seconds is not None and LIBPQ_LEAST_CONNECT_TIMEOUT - left > seconds / 10:
+        budgeted = _until() is not None and seconds is not None and seconds >= LIBPQ_LEAST_CONNECT_TIMEOUT
+        if budgeted and LIBPQ_LEAST_CONNECT_TIMEOUT - left > max(CONNECT_OVERRUN, seconds / 10):  # type: ignore[operator]
             raise OutboxTimeout(f"too little of the outbox time limit ({seconds:g} s) left to connect")
         cparams["connect_timeout"] = max(LIBPQ_LEAST_CONNECT_TIMEOUT, math.ceil(left))
 
     @event.listens_for(engine, "connect", insert=True)
-    def _arm_new(dbapi_connection: Any, _record: Any) -> None:
-        _arm(dbapi_connection)  # the dialect's first queries on a new connection run before checkout
+    def _arm_new(dbapi_connection: Any, record: Any) -> None:
+        _arm(record, dbapi_connection)  # the dialect's first queries on a new connection run before checkout
 
     @event.listens_for(engine, "checkout")
     def _arm_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        until = _arm(dbapi_connection)
+        until = _arm(record, dbapi_connection)
         if sqlite and until is not None:  # SQLite's wait for a lock ignores interrupts: shorten it
             left_ms = max(int((until - time.monotonic()) * 1000), 1)
-            busy_ms = int(dbapi_connection.execute("PRAGMA busy_timeout").fetchone()[0])
+            busy_ms = record.info.get("spillover_busy_default")
+            if busy_ms is None:
+                busy_ms = record.info["spillover_busy_default"] = int(
+                    dbapi_connection.execute("PRAGMA busy_timeout").fetchone()[0]
+                )
             if left_ms < busy_ms:
                 dbapi_connection.execute(f"PRAGMA busy_timeout={left_ms}")
-                record.info["spillover_busy_ms"] = busy_ms
+                record.info["spillover_busy_shortened"] = True
 
     @event.listens_for(engine, "checkin")
     def _disarm_checkin(dbapi_connection: Any, record: Any) -> None:
-        if dbapi_connection is not None:
-            _watchdog.disarm(id(dbapi_connection))
-            _armed_here().discard(id(dbapi_connection))
-            busy_ms = record.info.pop("spillover_busy_ms", None)
-            if busy_ms is not None:
-                dbapi_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
+        fired = _disarm(record)
+        if dbapi_connection is None:
+            return
+        if fired:  # cut as its call ended: a dead socket must not go back into the pool
+            record.invalidate(OutboxTimeout("cut by the outbox time limit"))
+            return
+        if record.info.pop("spillover_busy_shortened", False):
+            try:
+                dbapi_connection.execute(f"PRAGMA busy_timeout={record.info['spillover_busy_default']}")
+            except Exception:  # not usable as it should be: drop it
+                record.invalidate()
 
     @event.listens_for(engine, "detach")
-    def _disarm_detach(dbapi_connection: Any, _record: Any) -> None:
-        _watchdog.disarm(id(dbapi_connection))
-        _armed_here().discard(id(dbapi_connection))
+    def _disarm_detach(_dbapi_connection: Any, record: Any) -> None:
+        _disarm(record)
+
+    @event.listens_for(engine, "invalidate")
+    def _disarm_invalidated(_dbapi_connection: Any, record: Any, _exception: Any) -> None:
+        _disarm(record)
 
 
-def _arm(dbapi_connection: Any) -> float | None:
+def _arm(record: Any, dbapi_connection: Any) -> float | None:
     until = _checkout_deadline()
     if until is not None:
-        _watchdog.arm(id(dbapi_connection), until, _cutter(dbapi_connection))
+        _watchdog.arm(id(record), until, _cutter(dbapi_connection))
         if _until() is not None:
-            _armed_here().add(id(dbapi_connection))
+            _armed_here().add(id(record))
     return until
+
+
+def _disarm(record: Any) -> bool:
+    """Disarm ``record``'s connection; whether the watchdog had already cut it."""
+    _armed_here().discard(id(record))
+    return _watchdog.disarm(id(record))
 
 
 def _cutter(dbapi_connection: Any) -> Callable[[], None]:
@@ -201,24 +227,34 @@ def _cutter(dbapi_connection: Any) -> Callable[[], None]:
 
 
 class _Watchdog:
-    """One thread per process: fires each armed connection's cut once its deadline has passed."""
+    """One thread per process: fires each armed connection's cut once its deadline has passed.
+
+    A cut runs under the lock ``disarm`` takes, so a connection is either disarmed before its cut
+    (none happens) or cut before it is disarmed (``disarm`` says so, and it is invalidated).
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._armed: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._fired: set[int] = set()
         self._pid = -1
 
     def arm(self, key: int, until: float, cut: Callable[[], None]) -> None:
         with self._cond:
             self._armed[key] = (until, cut)
+            self._fired.discard(key)
             if self._pid != os.getpid():  # first use, or a forked child (the thread stayed behind)
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="spillover-db-watchdog", daemon=True).start()
             self._cond.notify()
 
-    def disarm(self, key: int) -> None:
+    def disarm(self, key: int) -> bool:
         with self._cond:
             self._armed.pop(key, None)
+            if key in self._fired:
+                self._fired.discard(key)
+                return True
+            return False
 
     def _run(self) -> None:
         pid = os.getpid()
@@ -228,14 +264,13 @@ class _Watchdog:
                     return
                 now = time.monotonic()
                 due = [key for key, (until, _) in self._armed.items() if until <= now]
-                cuts = [self._armed.pop(key)[1] for key in due]
-                if not cuts:
+                for key in due:
+                    with contextlib.suppress(Exception):  # a connection closed meanwhile: nothing to cut
+                        self._armed.pop(key)[1]()
+                    self._fired.add(key)
+                if not due:
                     nearest = min((until for until, _ in self._armed.values()), default=now + 60)
                     self._cond.wait(nearest - now)
-                    continue
-            for cut in cuts:
-                with contextlib.suppress(Exception):  # a connection closed meanwhile: nothing to cut
-                    cut()
 
 
 _watchdog = _Watchdog()

@@ -2,11 +2,14 @@
 
 An INSERT sent to a database that then stalls or fails over may or may not have been applied;
 the caller gets OutboxUnavailable with ``in_doubt`` and cannot tell. If it enqueues the same job
-id again (on the same target and queue, from this process), the retry carries the delivery id
-of the attempt in doubt: the push script writes a delivery once, so whichever copies were stored
-(the first, the retry, both), RQ gets the job once. Such a delivery's marker is never shortened
-when one copy is pushed (it lives its backstop, ``SPILLOVER_MARKER_TTL``): the other copy may
-turn up late, when the database comes back.
+id again (on the same target and queue, from this process) within one delivery window of that
+failure, the retry carries the delivery id of the attempt in doubt: the push script writes a
+delivery once, so whichever copies were stored (the first, the retry, both), RQ gets the job once.
+The retry's marker is not shortened when it is pushed (it lives its backstop,
+``SPILLOVER_MARKER_TTL``): the first copy may turn up late, when the database comes back. The
+first copy's own row cannot say so: if it is pushed first, its marker is settled as any row's
+(one window after its row is gone), which covers a retry made within the window of the failure.
+Later, an enqueue of that id is a new delivery, as any re-enqueue is.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 
+from . import settings
 from .stored_job import SpilledJob
 
 #: Deliveries in doubt remembered per process (the oldest are forgotten first).
@@ -27,15 +32,16 @@ OPTION = "in_doubt"
 
 _Key = tuple[str, str, str]  # stored target, queue, job id
 _lock = threading.Lock()
-_deliveries: OrderedDict[_Key, str] = OrderedDict()
+_deliveries: OrderedDict[_Key, tuple[str, float]] = OrderedDict()  # delivery, when it failed (monotonic)
 
 
 def remember(rows: Sequence[SpilledJob]) -> None:
     """These rows' write is in doubt: a retry of their job ids reuses their deliveries."""
+    failed_at = time.monotonic()
     with _lock:
         for row in rows:
             if row.delivery is not None:
-                _deliveries[row.target, row.queue, row.job_id] = row.delivery
+                _deliveries[row.target, row.queue, row.job_id] = (row.delivery, failed_at)
                 _deliveries.move_to_end((row.target, row.queue, row.job_id))
         while len(_deliveries) > KEPT:
             _deliveries.popitem(last=False)
@@ -45,8 +51,12 @@ def as_retries(rows: list[SpilledJob]) -> list[SpilledJob]:
     """``rows``, each retrying a delivery in doubt taking that delivery (and the option that keeps its marker)."""
     if not _deliveries:  # the usual case: nothing in doubt, nothing to look up
         return rows
+    oldest = time.monotonic() - settings.delivery_window()
     with _lock:
-        found = [_deliveries.get((row.target, row.queue, row.job_id)) for row in rows]
+        while _deliveries and next(iter(_deliveries.values()))[1] < oldest:
+            _deliveries.popitem(last=False)  # past the window: an enqueue of that id is a new delivery
+        kept = [_deliveries.get((row.target, row.queue, row.job_id)) for row in rows]
+    found = [entry[0] if entry is not None else None for entry in kept]
     if not any(found):
         return rows
     return [row if delivery is None else _retry(row, delivery) for row, delivery in zip(rows, found, strict=True)]
@@ -58,13 +68,15 @@ def settled(rows: Sequence[SpilledJob]) -> None:
         return
     with _lock:
         for row in rows:
-            if _deliveries.get((row.target, row.queue, row.job_id)) == row.delivery:
+            entry = _deliveries.get((row.target, row.queue, row.job_id))
+            if entry is not None and entry[0] == row.delivery:
                 del _deliveries[row.target, row.queue, row.job_id]
 
 
 def _reset_after_fork() -> None:
     global _lock
     _lock = threading.Lock()  # another thread may have held it at the fork
+    _deliveries.clear()  # the parent's failures; a child's enqueue of those ids is its own
 
 
 if hasattr(os, "register_at_fork"):

@@ -25,7 +25,7 @@ import redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import deadline, doubt, settings
+from . import deadline, doubt, parents, settings
 from .errors import OutboxTimeout, OutboxUnavailable
 from .health import RedisHealth
 from .markers import Settler
@@ -131,6 +131,7 @@ class SpillLane:
         pushed = [row for row in pushed if row.id not in skipped]  # unique ones whose id Redis had: kept, skipped
         if pushed:
             self.outbox.mark_delivered([row.id for row in pushed], keep=False)
+            parents.outbox_rows.pushed([(row.job_id, row.delivery) for row in pushed])  # in Redis by our hand
             settled = [(row.job_id, row.delivery) for row in pushed if not doubt.keeps_marker(row.options)]
             self.server.settler(self.pusher.layout).gone(settled)
         if not result.complete:

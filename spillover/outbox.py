@@ -116,9 +116,8 @@ class Outbox(OperatorQueries):
         the time limit) after the write was sent. Never on SQLite: an interrupted transaction rolls back."""
         if self._is_sqlite:
             return False
-        if isinstance(exc, OutboxTimeout):
-            return exc.in_doubt
-        return bool(getattr(exc, "spillover_in_doubt", False))
+        lost = bool(getattr(exc, "spillover_in_doubt", False))  # an earlier try's write, see _raw
+        return lost or (isinstance(exc, OutboxTimeout) and exc.in_doubt)
 
     def _timed_out(self, in_doubt: bool) -> OutboxTimeout:
         return OutboxTimeout(

@@ -70,7 +70,8 @@ def _network_bounds(url: URL) -> dict[str, Any]:
     They end a connection the network lost (no answer, no RST); a server or proxy that accepts
     the bytes and never answers is cut by the client-side deadline (deadline.py) instead.
     """
-    if url.get_driver_name() not in ("psycopg", "psycopg2"):
+    driver = url.get_driver_name()
+    if driver not in ("psycopg", "psycopg2"):
         return {}
     bound = settings.outbox_timeout()
     wanted = {
@@ -81,7 +82,22 @@ def _network_bounds(url: URL) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": int(bound * 1000),
     }
+    if _libpq_version(driver) < 120000:
+        del wanted["tcp_user_timeout"]  # libpq before 12 refuses the option it does not know
     return {name: value for name, value in wanted.items() if name not in url.query}
+
+
+def _libpq_version(driver: str) -> int:
+    try:
+        if driver == "psycopg":
+            import psycopg
+
+            return int(psycopg.pq.version())
+        import psycopg2  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+        return int(psycopg2.__libpq_version__)
+    except Exception:  # not importable here: the engine will say so itself
+        return 0
 
 
 def _create_owner_only(path: str) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import redis
 from redis.exceptions import NoScriptError, ResponseError
 
+from . import settings
 from .redis_side import is_ambiguous, is_outage
 from .rq_keys import DEFAULT_LAYOUT, KeyLayout
 from .stored_job import msgpack_array_header, msgpack_str
@@ -179,6 +180,7 @@ class Pusher:
         self.clock = clock or RedisClock(client)
         self.backstop_ms = max(1, int(backstop * 1000))
         self.window_ms = max(1, int(window * 1000))
+        self.trace_ms = max(1, settings.push_trace_ttl() * 1000)
         self._push = _Script(client, "push.lua")
         self._settle = _Script(client, "settle.lua")
         self._fence = _Script(client, "fence.lua")
@@ -243,7 +245,7 @@ class Pusher:
             rq_timestamp(wall),
             pack_rows(rows),
             keys.pushed_prefix,
-            "1" if from_outbox else "0",
+            str(self.trace_ms) if from_outbox else "0",
         ]
         return self._send(args)
 

@@ -10,10 +10,8 @@ one producer's jobs reach RQ in the order they were enqueued.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -31,6 +29,7 @@ from sqlalchemy import Engine
 from . import deadline, doubt, metrics, settings
 from .health import RedisHealth
 from .lanes import OutboxLike, SpillLane, lane_for, resolve_outbox, server_for
+from .parents import OUTBOX_DELIVERY, outbox_rows
 from .pusher import DEFERRED, EXISTS, QUEUED, Pusher
 from .redis_side import resolve_target
 from .rq_keys import DEFAULT_PREFIX, KeyLayout, layout_of_queue, stored_target
@@ -60,53 +59,6 @@ class _Failed(NamedTuple):
 def was_spilled(job: Job) -> bool:
     """Whether ``job`` went to the outbox (True) rather than straight to Redis."""
     return bool(getattr(job, "spilled", False))
-
-
-#: The attribute of a Job whose row went to an outbox (spilled, or written within a transaction):
-#: that row's delivery id, which its dependents' rows record (push.lua defers them until it is pushed).
-OUTBOX_DELIVERY = "spillover_delivery"
-#: Job ids recently written to an outbox by this process, most recent last: parents given by id.
-RECENT_OUTBOX_ROWS = 10_000
-
-
-class _OutboxRows:
-    """Job id -> delivery id of this process's last outbox row of that id (bounded, no database read).
-
-    A child given its parent as an id string learns here that the parent's row went to an outbox.
-    An id enqueued again straight into Redis is forgotten (its parent is then RQ's, as it is).
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._rows: OrderedDict[str, str] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __bool__(self) -> bool:
-        return bool(self._rows)
-
-    def add(self, jobs: Sequence[Job], rows: Sequence[SpilledJob]) -> None:
-        with self._lock:
-            for job, row in zip(jobs, rows, strict=True):
-                if row.delivery is None:
-                    continue
-                setattr(job, OUTBOX_DELIVERY, row.delivery)
-                self._rows.pop(job.id, None)
-                self._rows[job.id] = row.delivery
-            while len(self._rows) > self.size:
-                self._rows.popitem(last=False)
-
-    def forget(self, jobs: Sequence[Job]) -> None:
-        with self._lock:
-            for job in jobs:
-                self._rows.pop(job.id, None)
-                if getattr(job, OUTBOX_DELIVERY, None) is not None:
-                    setattr(job, OUTBOX_DELIVERY, None)
-
-    def get(self, job_id: str) -> str | None:
-        return self._rows.get(job_id)
-
-
-_outbox_rows = _OutboxRows(RECENT_OUTBOX_ROWS)
 
 
 def _outbox_parents(depends_on: Any) -> dict[str, str]:
@@ -342,7 +294,7 @@ class Queue(rq.Queue):
                 lane.append(rows, failed.error if failed else self.health.last_error)
             finally:
                 lane.lock.release()
-        _outbox_rows.add(jobs, rows)
+        outbox_rows.add(jobs, rows)
         for job in jobs:
             setattr(job, "spilled", True)  # noqa: B010 - Job has no such field
         self._count(metrics.SPILLED, len(jobs), started)
@@ -369,8 +321,8 @@ class Queue(rq.Queue):
             kept = [doubt.keeps_marker(row.options) for row in rows]
             self._settler.confirmed([item for item, keep in zip(done, kept, strict=False) if not keep])
             doubt.settled(rows)
-            if _outbox_rows:  # these ids are in Redis now, as RQ writes them: no longer outbox parents
-                _outbox_rows.forget(jobs)
+            if outbox_rows:  # these ids are in Redis now, as RQ writes them: no longer outbox parents
+                outbox_rows.forget(jobs)
             for job, code in zip(jobs, result.codes, strict=True):
                 if code == EXISTS:  # unique=True (one job per call): RQ's error, nothing written
                     raise DuplicateJobError(f"Job with ID '{job.id}' already exists")
@@ -387,7 +339,10 @@ class Queue(rq.Queue):
             refused = redis.TimeoutError(f"redis refused the write as {str(result.refusal).lower()}")
             return _Failed(result.error or refused, result.ambiguous)
         assert result.error is not None
-        self._settler.confirmed(done)  # written before the failing job; they stay, as in RQ
+        # written before the failing job; they stay, as in RQ (a retried delivery's marker stays too)
+        self._settler.confirmed(
+            [item for item, row in zip(done, rows, strict=False) if not doubt.keeps_marker(row.options)]
+        )
         raise result.error
 
     # -- building what the outbox stores -------------------------------------------
@@ -441,7 +396,7 @@ class Queue(rq.Queue):
             given: dict[str, str] = getattr(job, "_spillover_parents", None) or {}
             in_outbox = {}
             for parent in job._dependency_ids:
-                delivery = given.get(parent) or _outbox_rows.get(parent)
+                delivery = given.get(parent) or outbox_rows.get(parent)
                 if delivery is not None:
                     in_outbox[parent] = delivery
             if in_outbox:
@@ -510,6 +465,6 @@ class _WithinWriter(Queue):
 
     def _deliver(self, jobs: Sequence[Job], rows: list[SpilledJob]) -> None:
         self._owner.write(rows)
-        _outbox_rows.add(jobs, rows)  # its dependents wait for its push: it may never come (a rollback)
+        outbox_rows.add(jobs, rows)  # its dependents wait for its push: it may never come (a rollback)
         for job in jobs:
             setattr(job, "spilled", False)  # noqa: B010 - Job has no such field

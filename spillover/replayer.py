@@ -151,9 +151,9 @@ class Replayer:
     # -- entry points ---------------------------------------------------------------
 
     def _bounded_calls(self) -> contextlib.AbstractContextManager[None]:
-        """Each outbox call cut after ``outbox_timeout`` (at most half the lease): a stalled database
-        never keeps this replayer past its lease."""
-        return deadline.per_checkout(min(self.config.outbox_timeout, self.config.lease_ttl / 2))
+        """Each outbox call cut after ``outbox_timeout`` (at most a third of the lease): a stalled database
+        keeps this replayer less than its lease, a call and its one retry on a fresh connection included."""
+        return deadline.per_checkout(min(self.config.outbox_timeout, self.config.lease_ttl / 3))
 
     def run(self) -> None:
         """Drain until ``stopping`` is set; wait out Redis and outbox outages with capped backoff."""

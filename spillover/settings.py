@@ -22,6 +22,9 @@ DEFAULT_PROBE_INTERVAL = 0.25
 #: Seconds a delivery marker lives while its row is still in the outbox (the backstop): bounds how
 #: late an ambiguous job may replay. Once the row is gone its marker lives only the delivery window.
 DEFAULT_MARKER_TTL = 7 * 24 * 3600
+#: Seconds the trace of a replayed row's push lives (88 bytes each): while it does, a child replayed after
+#: its parent finished and expired knows the parent was pushed (RQ's "done"), not still in an outbox.
+DEFAULT_PUSH_TRACE_TTL = 3600
 #: Seconds a request into Redis may take to arrive (its deadline, checked by Redis) and so how long a
 #: marker outlives its row.
 DEFAULT_DELIVERY_WINDOW = 30.0
@@ -81,6 +84,10 @@ def probe_interval() -> float:
 
 def marker_ttl() -> int:
     return env_int("SPILLOVER_MARKER_TTL", DEFAULT_MARKER_TTL)
+
+
+def push_trace_ttl() -> int:
+    return env_int("SPILLOVER_PUSH_TRACE_TTL", DEFAULT_PUSH_TRACE_TTL)
 
 
 def delivery_window() -> float:

@@ -36,7 +36,7 @@ from sqlalchemy import Connection, Engine, event, insert, inspect
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
-from . import deadline, lanes, metrics
+from . import deadline, lanes, metrics, parents
 from .errors import ConfigurationError, NotInTransaction, OutboxNotMigrated
 from .lanes import SpillLane
 from .markers import Settler
@@ -388,13 +388,19 @@ def _push(items: list[_Written], read_at: float | None) -> None:
     """Push one lane's committed rows, unless older rows of this producer must go first."""
     lane = items[0].lane
     rows = [item.row for item in items]
-    with lane.lock:
+    left = deadline.remaining()
+    if not lane.lock.acquire(timeout=-1 if left is None else max(left, 0.0)):
+        log.warning("another thread holds queue %s's outbox lane past the limit; the replayer delivers", lane.queue)
+        lane.spilling = True  # these rows wait in the outbox, and the next commits' behind them (a bool: no lock)
+        return
+    try:
         if read_at is None or not lane.may_resume():
             lane.spilling = True  # these rows wait in the outbox, and so do the next commits' behind them
             return
         if before_push is not None:
             before_push()
-        result = lane.pusher.push(lane.queue, rows, read_at=read_at)
+        # no push trace: the parent of a later child is in Redis from its commit on (RQ's rules from there)
+        result = lane.pusher.push(lane.queue, rows, read_at=read_at, from_outbox=False)
         pushed = items[: len(result.codes)]
         pairs = [(item.row_id, item.row.job_id) for item in pushed]
         skipped = lane.outbox.mark_skipped(lane.queue, pairs, result.codes)  # unique, id in Redis: kept, skipped
@@ -402,12 +408,15 @@ def _push(items: list[_Written], read_at: float | None) -> None:
         settler = lane.server.settler(lane.pusher.layout)
         _deleter(lane.outbox).add([(item.row_id, item.row.job_id, item.row.delivery, settler) for item in pushed])
         metrics.COMMITTED_PUSHED.labels(lane.queue).inc(len(pushed))
+        parents.outbox_rows.pushed([(item.row.job_id, item.row.delivery) for item in pushed])
         if result.complete:
             return
         lane.spilling = True
         lane.push_failed(result, "committed jobs")
         if result.outage and result.ambiguous:
             _mark_ambiguous(lane.outbox, [item.row_id for item in items])
+    finally:
+        lane.lock.release()
 
 
 def _mark_ambiguous(outbox: Outbox, ids: list[int]) -> None:

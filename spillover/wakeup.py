@@ -21,6 +21,9 @@ log = logging.getLogger("spillover.wakeup")
 
 CHANNEL = "spillover_outbox"
 _NOTIFY_SQL = f"NOTIFY {CHANNEL}"
+#: Seconds a LISTEN connection is kept before it is made again: one the network silenced would
+#: otherwise never wake the replayer again (it still polls), and never fail either.
+RELISTEN_INTERVAL = 60.0
 
 
 def notify_on_commit(connection: Connection) -> None:
@@ -36,6 +39,7 @@ class CommitListener:
         self.engine = engine
         self.supported = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
         self._connection: Any = None
+        self._listening_since = 0.0
 
     def wait(self, timeout: float, stopping: threading.Event) -> bool:
         """Up to ``timeout`` seconds, or until a commit notifies or ``stopping`` is set; True if notified."""
@@ -61,13 +65,16 @@ class CommitListener:
             return False
 
     def _listening(self) -> Any:
+        if self._connection is not None and time.monotonic() - self._listening_since > RELISTEN_INTERVAL:
+            self.close()  # a listener the network silenced (a moved virtual IP) hears nothing, and says nothing
         if self._connection is None:
             raw = self.engine.raw_connection()
-            raw.detach()  # a connection of its own, never returned to the pool
             connection = raw.dbapi_connection
             connection.autocommit = True  # type: ignore[union-attr]
-            connection.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]
+            connection.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]  # bounded while checked out
+            raw.detach()  # a connection of its own, never returned to the pool
             self._connection = connection
+            self._listening_since = time.monotonic()
         return self._connection
 
     def close(self) -> None:

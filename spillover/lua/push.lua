@@ -15,7 +15,8 @@
 --       marker_prefix, legacy_prefix, backstop_ms, deadline_ms, fence_key ('' = none),
 --       fence_token, window_ms, rate_limit_prefix, rate_limit_keys, group_prefix, groups_set,
 --       client time (s, RQ's scores), client time as RQ formats it (enqueued_at), rows,
---       pushed_prefix, trace ('1': the rows come from an outbox, leave a trace of each push).
+--       pushed_prefix, trace_ms (> 0: the rows are replayed from an outbox; leave a trace of each push
+--       that lives this long; 0: none).
 -- rows is one MessagePack array with, per row, the array
 --       {job_id, delivery ('' = a row of a release before 0.4), at_front (0/1),
 --        scheduled_at ('' = now), job hash, options (JSON, '' = none)}
@@ -42,7 +43,7 @@ local deadline, fence_key, fence_token = tonumber(ARGV[9]), ARGV[10], ARGV[11]
 local window = tonumber(ARGV[12])
 local rl_prefix, rl_keys, group_prefix, groups_set = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 local client_s, client_stamp = ARGV[17], ARGV[18]
-local pushed_prefix, trace = ARGV[20], ARGV[21] == '1'
+local pushed_prefix, trace_ms = ARGV[20], tonumber(ARGV[21])
 -- Scores of rate-limited rows: the client time in whole µs (ARGV[17]), then +1 µs per row; exact
 -- integers in a Lua number, written as seconds with six decimals.
 local rate_us = tonumber(client_s)
@@ -207,7 +208,7 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
     write('SET', legacy_prefix .. job_id, delivery, 'PX', backstop)
     -- An outbox row's push outlives its marker (settled one window after the row is gone): a dependent
     -- pushed later, once this job has finished and expired, must still see that it was pushed.
-    if trace then write('SET', pushed_prefix .. delivery, '1', 'PX', backstop) end
+    if trace_ms > 0 then write('SET', pushed_prefix .. delivery, '1', 'PX', trace_ms) end
   end
   return code
 end

@@ -1,0 +1,79 @@
+"""Parents whose rows went to an outbox: what a child's row must record so it never runs before them.
+
+RQ counts a parent it cannot find in Redis as done. A parent spilled or written within a
+transaction is not in Redis until it is pushed: its dependents' rows carry its delivery id
+(option ``outbox_parents``), and the push script defers them until it is pushed (push.lua).
+This process remembers its own such parents, per Job object and by id (bounded, no database
+read), until they are in Redis by its own hand (a direct write, a transactional push).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from rq.job import Job
+
+from .stored_job import SpilledJob
+
+#: The attribute of a Job whose row went to an outbox (spilled, or written within a transaction):
+#: that row's delivery id, which its dependents' rows record (push.lua defers them until it is pushed).
+OUTBOX_DELIVERY = "spillover_delivery"
+#: Job ids recently written to an outbox by this process, most recent last: parents given by id.
+RECENT_OUTBOX_ROWS = 10_000
+
+
+class OutboxRows:
+    """Job id -> delivery id of this process's last outbox row of that id (bounded, no database read).
+
+    A child given its parent as an id string learns here that the parent's row went to an outbox.
+    An id enqueued again straight into Redis is forgotten (its parent is then RQ's, as it is).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._rows: OrderedDict[str, str] = OrderedDict()
+        self._jobs: weakref.WeakValueDictionary[str, Job] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def add(self, jobs: Sequence[Job], rows: Sequence[SpilledJob]) -> None:
+        with self._lock:
+            for job, row in zip(jobs, rows, strict=True):
+                if row.delivery is None:
+                    continue
+                setattr(job, OUTBOX_DELIVERY, row.delivery)
+                self._rows.pop(job.id, None)
+                self._rows[job.id] = row.delivery
+                self._jobs[row.delivery] = job
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+
+    def forget(self, jobs: Sequence[Job]) -> None:
+        with self._lock:
+            for job in jobs:
+                self._rows.pop(job.id, None)
+                if getattr(job, OUTBOX_DELIVERY, None) is not None:
+                    setattr(job, OUTBOX_DELIVERY, None)
+
+    def pushed(self, deliveries: Sequence[tuple[str, str | None]]) -> None:
+        """These (job id, delivery) rows are in Redis now, pushed by this process: no longer outbox parents."""
+        with self._lock:
+            for job_id, delivery in deliveries:
+                if delivery is None:
+                    continue
+                if self._rows.get(job_id) == delivery:
+                    del self._rows[job_id]
+                job = self._jobs.pop(delivery, None)
+                if job is not None and getattr(job, OUTBOX_DELIVERY, None) == delivery:
+                    setattr(job, OUTBOX_DELIVERY, None)
+
+    def get(self, job_id: str) -> str | None:
+        return self._rows.get(job_id)
+
+
+outbox_rows = OutboxRows(RECENT_OUTBOX_ROWS)
