@@ -601,7 +601,7 @@ def main() -> None:
             transaction_markers_left(server, tmp, 2000)
             print("replay", flush=True)
             rate_20k = bench_replay(server, tmp, 20_000, rounds)
-            outage_memory(per_marker, rate_20k)
+            outage_memory(server, per_marker, rate_20k)
             print("drain", flush=True)
             bench_drain(server, tmp, tmp, 20_000 if args.quick else 100_000, 1 if args.quick else 3)
             if args.large:
@@ -632,19 +632,29 @@ def main() -> None:
         print("| " + " | ".join(figure) + " |")
 
 
-def outage_memory(per_marker: float, drain_rate: float, rate: int = 1000, hours: float = 1.0) -> None:
+def outage_memory(
+    server: RedisServer, per_marker: float, drain_rate: float, rate: int = 1000, hours: float = 1.0
+) -> None:
     """Redis memory spillover holds for a one-hour outage at ``rate`` jobs/s: during the drain, markers of
-    the last delivery window; after it, none (a fence per queue, about 100 bytes)."""
+    the last delivery window; after it, the push traces of the replayed rows for SPILLOVER_PUSH_TRACE_TTL
+    (so a child replayed after its parent expired knows it was pushed), then nothing but a fence per queue."""
+    client = server.client()
+    client.set("spillover:pushed:0123456789abcdef012345", "1", px=3_600_000)  # a delivery id's length
+    per_trace = float(client.memory_usage("spillover:pushed:0123456789abcdef012345") or 0)
+    client.delete("spillover:pushed:0123456789abcdef012345")
     window = settings.DEFAULT_DELIVERY_WINDOW
     peak = per_marker * drain_rate * window
     rows = int(rate * hours * 3600)
+    traces = per_trace * rows
+    ttl_h = settings.DEFAULT_PUSH_TRACE_TTL / 3600
     ROWS.append(
         (
-            f"Redis memory for markers, {rows:,}-row outage backlog: drain peak / one window after",
-            f"{peak / 2**20:,.0f} MiB / 0",
+            f"Redis memory, {rows:,}-row outage backlog: markers at the drain's peak / push traces"
+            f" ({per_trace:.0f} bytes each) for {ttl_h:g} h after / then",
+            f"{peak / 2**20:,.0f} MiB / {traces / 2**20:,.0f} MiB / 0",
             f"{per_marker * rows / 2**20:,.0f} MiB (one marker per row, as with a 7-day TTL)",
             "-",
-            "computed: bytes per marker x drain rate x window",
+            "computed: bytes per key (MEMORY USAGE) x rows or drain rate x window",
         )
     )
 
