@@ -21,7 +21,7 @@ from servers import create_database, free_port
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-from spillover import Outbox, OutboxUnavailable, Queue, migrate
+from spillover import Outbox, OutboxUnavailable, Queue, deadline, migrate
 from spillover.faultproxy import FaultProxy
 
 QUEUE = "deadline"
@@ -61,7 +61,9 @@ def stored(url: str) -> list[tuple[str, str, str | None]]:
     return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("mode", "warm"), [("refuse", False), ("stall", False), ("stall", True), ("hold", True)])
+@pytest.mark.parametrize(
+    ("mode", "warm"), [("refuse", False), ("refuse", True), ("stall", False), ("stall", True), ("hold", True)]
+)
 def test_a_refused_stalled_or_silent_postgres_costs_an_enqueue_at_most_its_time_limit(pg, mode, warm):
     """``warm``: the producer has a pooled connection, which the fault cuts (stall) or silences (hold)."""
     url, proxy, through_proxy = pg
@@ -238,3 +240,51 @@ def _env(**extra: str) -> dict[str, str]:
     from helpers import env_with_tests
 
     return {**env_with_tests(), **extra}
+
+
+def test_a_limit_under_libpqs_least_connect_timeout_still_spills(pg):
+    """libpq waits at least 2 s to connect: a shorter limit still lets a healthy database be reached
+    (the connect may take libpq's 2 s), for plain enqueues and within() alike."""
+    url, _, through_proxy = pg
+    queue = Queue(QUEUE, connection=dead_redis(), outbox=Outbox(through_proxy), outbox_timeout=1.0)
+    took, error = timed_enqueue(queue, "short-limit")
+    assert error is None and took < 1.0
+    app = create_engine(url)
+    cold = Outbox(through_proxy + "?application_name=cold")  # a new engine: no pooled connection yet
+    within = Queue(QUEUE, connection=dead_redis(), outbox=cold, outbox_timeout=1.0)
+    with Session(app) as session:
+        within.within(session).enqueue(jobs.record, "within", job_id="within")
+        session.commit()
+    app.dispose()
+    assert [row[0] for row in stored(url)] == ["short-limit", "within"]
+
+
+def test_a_connection_cut_as_its_call_ended_never_goes_back_into_the_pool(pg):
+    """The watchdog fires just as a call returns: the connection it cut is invalidated at checkin, and the
+    next caller gets a working one (not a shut-down socket from the pool)."""
+    _, _, through_proxy = pg
+    outbox = Outbox(through_proxy)
+    with deadline.budget(0.2):
+        raw = outbox.engine.raw_connection()
+        cursor = raw.cursor()
+        cursor.execute("SELECT 1")
+        record = raw._connection_record
+        wait_for(lambda: id(record) in deadline._watchdog._fired, timeout=5)  # cut while idle, still checked out
+        raw.close()
+    assert outbox.pending_count() == 0  # a fresh connection: the cut one was not handed out again
+
+
+def test_an_enqueue_of_an_id_in_doubt_after_the_window_is_a_new_delivery(pg, monkeypatch):
+    url, proxy, through_proxy = pg
+    monkeypatch.setenv("SPILLOVER_DELIVERY_WINDOW", "1")
+    queue = Queue(QUEUE, connection=dead_redis(), outbox=Outbox(through_proxy), outbox_timeout=LIMIT)
+    queue.enqueue(jobs.record, "warm", job_id="warm")
+    proxy.set_mode("hold")
+    _, error = timed_enqueue(queue, "nightly")
+    assert error is not None and error.in_doubt
+    assert proxy.deliver_held() > 0  # the copy in doubt lands
+    proxy.set_mode("pass")
+    time.sleep(1.2)  # the window passes: what is under test is time itself
+    assert timed_enqueue(queue, "nightly")[1] is None  # not a retry any more: enqueued again, as in RQ
+    deliveries = [delivery for job_id, delivery, _ in stored(url) if job_id == "nightly"]
+    assert len(deliveries) == 2 and len(set(deliveries)) == 2, "a new delivery, not the one in doubt"
