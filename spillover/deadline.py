@@ -85,6 +85,12 @@ def limit() -> float | None:
     return seconds if seconds is not None else _per_checkout()
 
 
+def started() -> float | None:
+    """When this thread's budget began (``time.monotonic()``); None: no budget."""
+    until, seconds = _until(), getattr(_local, "seconds", None)
+    return None if until is None or seconds is None else until - seconds
+
+
 def remaining() -> float | None:
     """Seconds left of this thread's budget (None: no budget)."""
     until = _until()
@@ -244,8 +250,10 @@ class _Watchdog:
             self._armed[key] = (until, cut)
             self._fired.discard(key)
             if self._pid != os.getpid():  # first use, or a forked child (the thread stayed behind)
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="spillover-db-watchdog", daemon=True).start()
+                threading.Thread(
+                    target=self._run, args=(os.getpid(),), name="spillover-db-watchdog", daemon=True
+                ).start()
+                self._pid = os.getpid()  # only once it runs: a failed start is tried again by the next call
             self._cond.notify()
 
     def disarm(self, key: int) -> bool:
@@ -256,8 +264,7 @@ class _Watchdog:
                 return True
             return False
 
-    def _run(self) -> None:
-        pid = os.getpid()
+    def _run(self, pid: int) -> None:
         while True:
             with self._cond:
                 if self._pid != pid:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 
-from . import settings
+from . import deadline, settings
 from .stored_job import SpilledJob
 
 #: Deliveries in doubt remembered per process (the oldest are forgotten first).
@@ -36,8 +36,12 @@ _deliveries: OrderedDict[_Key, tuple[str, float]] = OrderedDict()  # delivery, w
 
 
 def remember(rows: Sequence[SpilledJob]) -> None:
-    """These rows' write is in doubt: a retry of their job ids reuses their deliveries."""
-    failed_at = time.monotonic()
+    """These rows' write is in doubt: a retry of their job ids reuses their deliveries.
+
+    The window counts from when the enqueue began (its write may have landed then, its row been
+    replayed and settled at once), not from when the error came back.
+    """
+    failed_at = deadline.started() or time.monotonic()
     with _lock:
         for row in rows:
             if row.delivery is not None:

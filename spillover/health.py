@@ -15,6 +15,7 @@ import weakref
 
 import redis
 
+from . import metrics
 from .redis_side import is_outage, probe_write
 from .rq_keys import DEFAULT_LAYOUT
 
@@ -24,8 +25,14 @@ log = logging.getLogger("spillover.health")
 class RedisHealth:
     """The up/down state of one Redis server, shared by the queues that use it."""
 
-    def __init__(self, client: redis.Redis, probe_interval: float, probe_key: str = DEFAULT_LAYOUT.probe) -> None:
+    def __init__(
+        self, client: redis.Redis, probe_interval: float, probe_key: str = DEFAULT_LAYOUT.probe, name: str = ""
+    ) -> None:
+        """``name``: the server as the ``spillover_producer_redis_up`` gauge labels it (none: no gauge)."""
         self.client = client
+        self._gauge = metrics.PRODUCER_REDIS_UP.labels(name) if name else None
+        if self._gauge is not None:
+            self._gauge.set(1)
         self.probe_key = probe_key
         self.probe_interval = probe_interval
         self._down_since: float | None = None
@@ -51,6 +58,8 @@ class RedisHealth:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("redis down (%s): spilling to the outbox", error.__class__.__name__)
+                if self._gauge is not None:
+                    self._gauge.set(0)
             if self._prober is None or not self._prober.is_alive():
                 self._prober = threading.Thread(target=self._probe_until_up, name="spillover-probe", daemon=True)
                 self._prober.start()
@@ -69,6 +78,8 @@ class RedisHealth:
                 if self._down_since is not None:
                     log.warning("redis up again after %.1f s", time.monotonic() - self._down_since)
                 self._down_since = None
+                if self._gauge is not None:
+                    self._gauge.set(1)
                 self._prober = None
             return
 

@@ -31,7 +31,7 @@ from .health import RedisHealth
 from .markers import Settler
 from .outbox import Outbox, OutboxRow
 from .pusher import LATE, Pusher, PushResult, RedisClock
-from .redis_side import bounded_client, server_key
+from .redis_side import bounded_client, server_key, target_of
 from .rq_keys import KeyLayout
 from .stored_job import SpilledJob
 
@@ -52,7 +52,7 @@ class Server:
     def __init__(self, client: redis.Redis, probe_interval: float, layout: KeyLayout) -> None:
         self.client = client
         # The probe writes under the key prefix of the first queue on this server (one cluster slot).
-        self.health = RedisHealth(client, probe_interval, probe_key=layout.probe)
+        self.health = RedisHealth(client, probe_interval, probe_key=layout.probe, name=target_of(client))
         self.clock = RedisClock(client)
         self.version: tuple[int, int, int] | None = None
         self._pushers: dict[tuple[int, KeyLayout], Pusher] = {}

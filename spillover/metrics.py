@@ -6,6 +6,7 @@ Applications that already serve ``/metrics`` get the producer counters for free;
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +32,17 @@ COMMITTED_PUSHED = Counter(
     "Jobs enqueued within a transaction that the producer pushed into RQ at commit (the rest the replayer moves).",
     ["queue"],
 )
+ENQUEUE_FAILED = Counter(
+    "spillover_enqueue_failed",
+    "Jobs NOT enqueued: the enqueue raised (Redis unusable and the outbox full, unavailable or not migrated).",
+    ["queue", "reason"],
+)
+BACKLOG_FULL, OUTBOX_UNAVAILABLE, OUTBOX_NOT_MIGRATED = "backlog_full", "outbox_unavailable", "outbox_not_migrated"
+PRODUCER_REDIS_UP = Gauge(
+    "spillover_producer_redis_up",
+    "1 while this producer process takes its Redis server for healthy (jobs go direct), 0 while it spills.",
+    ["server"],
+)
 
 # -- replayer --------------------------------------------------------------------------
 
@@ -49,17 +61,45 @@ REFUSED = Counter(
     "Pushes Redis refused whole: after their deadline, or from an older lease holder.",
     ["reason"],
 )
+# Gauges only a replayer exports (a producer importing this module must not: "no replayer running"
+# is told by their absence); registered by register_replayer().
 REDIS_UP = Gauge(
-    "spillover_redis_up", "1 when the replayer's write-probe to Redis succeeds, 0 when it fails (NaN before the first)."
+    "spillover_redis_up",
+    "1 when the replayer's write-probe to Redis succeeds, 0 when it fails (NaN before the first).",
+    registry=None,
 )
 REDIS_UP.set(float("nan"))
-LEASE_HELD = Gauge("spillover_lease_held", "Queue leases this replayer holds now (the queues it is draining).")
-
+LEASE_HELD = Gauge(
+    "spillover_lease_held", "Queue leases this replayer holds now (the queues it is draining).", registry=None
+)
+LEASE_HOLDER = Gauge(
+    "spillover_lease_holder",
+    "1 for each queue whose lease this replayer holds now (which replayer drains which queue).",
+    ["target", "queue"],
+    registry=None,
+)
 UNCLAIMED = Gauge(
     "spillover_unclaimed_rows",
     "Pending rows that no running replayer drains (a target no replayer recognises, or no replayer on its host).",
     ["target"],
+    registry=None,
 )
+_REPLAYER_ONLY = (REDIS_UP, LEASE_HELD, LEASE_HOLDER, UNCLAIMED)
+
+
+def register_replayer() -> None:
+    """Export the replayer's own gauges from this process (idempotent)."""
+    for gauge in _REPLAYER_ONLY:
+        with contextlib.suppress(ValueError):  # registered already
+            REGISTRY.register(gauge)
+
+
+def set_leases(held: list[tuple[str, str]]) -> None:
+    """The (target, queue) leases this replayer holds now."""
+    LEASE_HELD.set(len(held))
+    LEASE_HOLDER.clear()
+    for target, queue in held:
+        LEASE_HOLDER.labels(target, queue).set(1)
 
 
 def set_unclaimed(rows_by_target: dict[str, int]) -> None:

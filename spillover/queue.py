@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -27,9 +28,10 @@ from rq.utils import now
 from sqlalchemy import Engine
 
 from . import deadline, doubt, metrics, settings
+from .errors import BacklogFull, OutboxNotMigrated, OutboxUnavailable
 from .health import RedisHealth
 from .lanes import OutboxLike, SpillLane, lane_for, resolve_outbox, server_for
-from .parents import OUTBOX_DELIVERY, outbox_rows
+from .parents import OUTBOX_DELIVERY, OutboxParent, outbox_rows
 from .pusher import DEFERRED, EXISTS, QUEUED, Pusher
 from .redis_side import resolve_target
 from .rq_keys import DEFAULT_PREFIX, KeyLayout, layout_of_queue, stored_target
@@ -61,9 +63,9 @@ def was_spilled(job: Job) -> bool:
     return bool(getattr(job, "spilled", False))
 
 
-def _outbox_parents(depends_on: Any) -> dict[str, str]:
+def _outbox_parents(depends_on: Any) -> dict[str, OutboxParent]:
     """Of the parents given to ``create_job``, those given as Job objects whose row went to an outbox."""
-    found: dict[str, str] = {}
+    found: dict[str, OutboxParent] = {}
     for item in depends_on if isinstance(depends_on, (list, tuple)) else [depends_on]:
         parents: Any = item.dependencies if isinstance(item, Dependency) else item
         for parent in parents if isinstance(parents, (list, tuple)) else [parents]:
@@ -280,7 +282,7 @@ class Queue(rq.Queue):
             if failed is None:
                 self._count(metrics.DIRECT, len(jobs), started)
                 return
-        with deadline.budget(self.outbox_timeout, since=called):
+        with deadline.budget(self.outbox_timeout, since=called), _counting_failures(self.name, len(jobs)):
             lane.acquire(failed.error if failed else self.health.last_error)
             try:
                 if failed is None and lane.may_resume():
@@ -393,12 +395,12 @@ class Queue(rq.Queue):
                 options["failed_ok"] = True
             # Parents whose rows went to an outbox (spilled, or written within a transaction), with their
             # delivery ids: until such a parent is pushed, its absence from Redis does not mean done.
-            given: dict[str, str] = getattr(job, "_spillover_parents", None) or {}
+            given: dict[str, OutboxParent] = getattr(job, "_spillover_parents", None) or {}
             in_outbox = {}
             for parent in job._dependency_ids:
-                delivery = given.get(parent) or outbox_rows.get(parent)
-                if delivery is not None:
-                    in_outbox[parent] = delivery
+                found = given.get(parent) or outbox_rows.get(parent)
+                if found is not None and found.holds_for(self._stored_target):
+                    in_outbox[parent] = found.delivery
             if in_outbox:
                 options["outbox_parents"] = in_outbox
         return SpilledJob(
@@ -433,6 +435,22 @@ class Queue(rq.Queue):
             webhooks=data.webhooks,
             group_id=group_id,
         )
+
+
+@contextmanager
+def _counting_failures(queue: str, jobs: int) -> Iterator[None]:
+    """Count the jobs an enqueue raised for (not enqueued): producers' only trace of them besides the caller's."""
+    try:
+        yield
+    except BacklogFull:
+        metrics.ENQUEUE_FAILED.labels(queue, metrics.BACKLOG_FULL).inc(jobs)
+        raise
+    except OutboxUnavailable:
+        metrics.ENQUEUE_FAILED.labels(queue, metrics.OUTBOX_UNAVAILABLE).inc(jobs)
+        raise
+    except OutboxNotMigrated:
+        metrics.ENQUEUE_FAILED.labels(queue, metrics.OUTBOX_NOT_MIGRATED).inc(jobs)
+        raise
 
 
 def _rate_limited(job: Job) -> bool:

@@ -117,6 +117,7 @@ class Replayer:
         self.outbox = outbox
         self.client = client
         self.config = config or ReplayConfig()
+        metrics.register_replayer()
         self.holder = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.target = resolve_target(self.config.target, client)
         # Rows with no target are adopted only once the registry shows no replayer of another Redis.
@@ -278,15 +279,18 @@ class Replayer:
             elif not lease.hold():
                 continue  # stalled past the TTL, and another replayer has taken the queue over
             self._held[group] = lease
-            metrics.LEASE_HELD.set(len(self._held))
+            self._export_leases()
             moved += self.drain_group(group, lease, groups[group])
         return moved
+
+    def _export_leases(self) -> None:
+        metrics.set_leases([(str(display_target(group.lease_name)), group.queue) for group in self._held])
 
     def _give_up_leases(self) -> None:
         """Forget the leases held (the outbox cannot be asked to release them: they expire): each queue
         is taken again, with a new fence if another replayer held it meanwhile."""
         self._held.clear()
-        metrics.LEASE_HELD.set(0)
+        self._export_leases()
 
     def release_leases(self) -> None:
         """Give back every queue lease (on the way out; they would expire by themselves)."""
@@ -689,7 +693,7 @@ class Replayer:
         return True
 
     def _release(self, lease: QueueLease) -> None:
-        metrics.LEASE_HELD.set(len(self._held))
+        self._export_leases()
         try:
             lease.release()
         except Exception as exc:  # the lease expires by itself; say why it was not released

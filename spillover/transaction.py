@@ -339,8 +339,7 @@ def _push_committed(written: list[_Written]) -> None:
     except Exception as exc:  # the outbox database cannot say which rows committed
         log.warning("could not read committed jobs back (%r); the replayer will deliver them", exc)
         for item in written:
-            with item.lane.lock:
-                item.lane.spilling = True  # the next commits' jobs wait behind these
+            item.lane.spilling = True  # the next commits' jobs wait behind these (a bool: no lock to wait for)
         return
     by_lane: dict[int, list[_Written]] = {}
     for item in committed:
@@ -350,8 +349,7 @@ def _push_committed(written: list[_Written]) -> None:
             _push(items, read_at[lane_id])
         except Exception:
             log.exception("pushing committed jobs failed; the replayer will deliver them")
-            with items[0].lane.lock:
-                items[0].lane.spilling = True
+            items[0].lane.spilling = True  # a bool: no lock to wait for
 
 
 def _committed(written: list[_Written]) -> list[_Written]:
@@ -399,8 +397,7 @@ def _push(items: list[_Written], read_at: float | None) -> None:
             return
         if before_push is not None:
             before_push()
-        # no push trace: the parent of a later child is in Redis from its commit on (RQ's rules from there)
-        result = lane.pusher.push(lane.queue, rows, read_at=read_at, from_outbox=False)
+        result = lane.pusher.push(lane.queue, rows, read_at=read_at)
         pushed = items[: len(result.codes)]
         pairs = [(item.row_id, item.row.job_id) for item in pushed]
         skipped = lane.outbox.mark_skipped(lane.queue, pairs, result.codes)  # unique, id in Redis: kept, skipped

@@ -70,8 +70,13 @@ class CommitListener:
         if self._connection is None:
             raw = self.engine.raw_connection()
             connection = raw.dbapi_connection
-            connection.autocommit = True  # type: ignore[union-attr]
-            connection.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]  # bounded while checked out
+            try:
+                connection.autocommit = True  # type: ignore[union-attr]
+                connection.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]  # bounded while checked out
+            except BaseException:
+                raw.invalidate()  # half set up: never pooled
+                raw.close()
+                raise
             raw.detach()  # a connection of its own, never returned to the pool
             self._connection = connection
             self._listening_since = time.monotonic()

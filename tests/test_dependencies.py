@@ -166,8 +166,59 @@ def test_a_child_of_a_rolled_back_transactional_parent_stays_deferred_and_visibl
     run_worker(redis_server.url, "b", "a")
     assert lines(log) == [], "neither child ran: its parent never existed"
     assert deferred(client, "b") == ["by-id", "by-job"], "both visible in RQ's deferred registry"
-    assert not client.exists(LAYOUT.job_prefix + "tx-parent")
+    # what stands for the parent that never came: a placeholder, so RQ never takes it for done
+    assert client.hgetall(LAYOUT.job_prefix + "tx-parent") == {b"status": b"deferred", b"spillover_placeholder": b"1"}
     assert Outbox(sqlite_url).pending_count() == 0
+    engine.dispose()
+
+
+def test_a_child_with_a_parent_in_redis_and_one_in_an_outbox_waits_for_both(redis_server, sqlite_url, tmp_path):
+    """RQ, deciding when the parent in Redis finishes whether the child's other parents are done, counts one
+    it cannot find as done: the outbox parent's placeholder keeps the child deferred until it is pushed."""
+    client = redis_server.client()
+    log = tmp_path / "ran.txt"
+    engine = create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    a = Queue("a", connection=client, outbox=sqlite_url)
+    b = Queue("b", connection=client, outbox=sqlite_url)
+    with Session(engine) as session:
+        session.add(Order(item="later"))
+        in_outbox = a.within(session).enqueue(jobs.append_line, str(log), "in-outbox", job_id="in-outbox")
+        in_redis = a.enqueue(jobs.append_line, str(log), "in-redis", job_id="in-redis")
+        child = b.enqueue(jobs.append_line, str(log), "child", job_id="child", depends_on=[in_redis, in_outbox])
+        run_worker(redis_server.url, "a", "b")  # the parent in Redis runs, and RQ looks at the child's parents
+        assert lines(log) == ["in-redis"], "the child waits for the parent still in the transaction"
+        assert child.get_status() == "deferred"
+        session.commit()  # the other parent is pushed at commit
+    run_worker(redis_server.url, "a", "b")
+    assert lines(log) == ["in-redis", "in-outbox", "child"]
+    assert not client.hexists(LAYOUT.job_prefix + "in-outbox", "spillover_placeholder")
+    engine.dispose()
+
+
+def test_a_child_replayed_after_its_committed_parent_finished_and_expired_runs(redis_server, sqlite_url, tmp_path):
+    """The parent pushed at its commit, run, finished and gone (result_ttl=0), its marker settled; the child,
+    written in the same transaction on a queue that spills, replayed later: the parent's push left a trace,
+    so the child is RQ's (its parent done) and runs, instead of waiting for ever."""
+    client = redis_server.client()
+    log = tmp_path / "ran.txt"
+    engine = create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    a = Queue("a", connection=client, outbox=sqlite_url)
+    b = Queue("b", connection=client, outbox=sqlite_url)
+    b.lane_within(engine).spilling = True  # queue b's transactional lane has rows waiting: its jobs wait too
+    with Session(engine) as session:
+        session.add(Order(item="now"))
+        parent = a.within(session).enqueue(jobs.append_line, str(log), "parent", job_id="p", result_ttl=0)
+        b.within(session).enqueue(jobs.append_line, str(log), "child", job_id="c", depends_on=parent)
+        session.commit()
+    assert client.exists(LAYOUT.job_prefix + "p") and Outbox(sqlite_url).pending_count() == 1
+    run_worker(redis_server.url, "a")
+    assert lines(log) == ["parent"] and not client.exists(LAYOUT.job_prefix + "p"), "finished and expired"
+    client.delete(*client.keys("spillover:delivery:*"))  # its marker settled and expired (the window passed)
+    replay_once(sqlite_url, redis_server.url, "--queue", "b")
+    run_worker(redis_server.url, "b")
+    assert lines(log) == ["parent", "child"]
     engine.dispose()
 
 

@@ -79,17 +79,28 @@ local function pushed(delivery)
   return redis.call('EXISTS', marker_prefix .. delivery, pushed_prefix .. delivery) > 0
 end
 
+-- Returns whether to defer, and the outbox parents not pushed yet. Each of those gets a placeholder hash
+-- (status 'deferred') until it is pushed: RQ, deciding later whether the job's other parents are done,
+-- counts a parent it cannot find as done, and would run the job before it.
 local function must_defer(deps, failed_ok, outbox_parents)
+  local defer, unpushed = false, {}
   for _, dep in ipairs(deps) do
     local status = redis.call('HGET', job_prefix .. dep, 'status')
     local met = status == 'finished' or (failed_ok and status == 'failed')
     if redis.call('EXISTS', job_prefix .. dep) == 1 then
-      if not met then return true end
+      if not met then defer = true end
     elseif outbox_parents and type(outbox_parents[dep]) == 'string' and not pushed(outbox_parents[dep]) then
-      return true
+      defer = true
+      unpushed[#unpushed + 1] = dep
     end
   end
-  return false
+  return defer, unpushed
+end
+
+-- What a push of an outbox row leaves for its dependents (see must_defer), whether it wrote the job,
+-- found it written already (its marker) or skipped it (unique): that it was pushed.
+local function trace(delivery)
+  if trace_ms > 0 and delivery ~= '' then write('SET', pushed_prefix .. delivery, '1', 'PX', trace_ms) end
 end
 
 -- RQ 3's ACQUIRE_AND_ENQUEUE_SCRIPT (rq/rate_limit.py): fill the limit's free slots with its
@@ -131,10 +142,19 @@ local function delivered(job_id, delivery)
 end
 
 local function push_row(job_id, delivery, at_front, scheduled_at, fields, options)
-  if delivered(job_id, delivery) then return 0 end
+  if delivered(job_id, delivery) then
+    trace(delivery)
+    return 0
+  end
   local opts = (options ~= nil and options ~= '') and cjson.decode(options) or {}
   local job_key = job_prefix .. job_id
-  if opts.unique and redis.call('EXISTS', job_key) == 1 then return 4 end -- RQ's unique check
+  -- A placeholder its dependents left (must_defer): this is the job it stood for; it goes, the
+  -- dependents set stays.
+  if redis.call('HGET', job_key, 'spillover_placeholder') == '1' then redis.call('DEL', job_key) end
+  if opts.unique and redis.call('EXISTS', job_key) == 1 then -- RQ's unique check
+    trace(delivery)
+    return 4
+  end
   local ttl, deps, limit, concurrency = '', {}, nil, nil
   for f = 1, #fields, 2 do
     local name = fields[f]
@@ -144,9 +164,12 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
     elseif name == 'rate_limit_concurrency' then concurrency = tonumber(fields[f + 1]) end
   end
 
-  local code = 1
+  local code, unpushed = 1, {}
   if scheduled_at ~= '' then code = 3
-  elseif #deps > 0 and must_defer(deps, opts.failed_ok, opts.outbox_parents) then code = 2
+  elseif #deps > 0 then
+    local defer
+    defer, unpushed = must_defer(deps, opts.failed_ok, opts.outbox_parents)
+    if defer then code = 2 elseif limit and concurrency then code = 5 end
   elseif limit and concurrency then code = 5 end
 
   if code == 2 then
@@ -167,6 +190,9 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
   local waiting = ttl ~= '' and redis.call('EXISTS', job_key) == 0 and redis.call('EXISTS', job_key .. ':dependents') == 1
   write('HSET', job_key, unpack(fields))
   if code == 2 then write('ZADD', deferred_key, clock[1], job_id) end
+  for _, dep in ipairs(unpushed) do
+    write('HSET', job_prefix .. dep, 'status', 'deferred', 'spillover_placeholder', '1')
+  end
   if code == 2 or opts.register then -- enqueue_many registers every dependent job, met or not
     for _, dep in ipairs(deps) do
       write('SADD', job_prefix .. dep .. ':dependents', job_id)
@@ -208,7 +234,7 @@ local function push_row(job_id, delivery, at_front, scheduled_at, fields, option
     write('SET', legacy_prefix .. job_id, delivery, 'PX', backstop)
     -- An outbox row's push outlives its marker (settled one window after the row is gone): a dependent
     -- pushed later, once this job has finished and expired, must still see that it was pushed.
-    if trace_ms > 0 then write('SET', pushed_prefix .. delivery, '1', 'PX', trace_ms) end
+    trace(delivery)
   end
   return code
 end
