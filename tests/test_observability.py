@@ -105,7 +105,16 @@ def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(redis_se
         stderr=subprocess.PIPE,
         text=True,
     )
-    replayer = start_replayer(sqlite_url, redis_server.url, "--metrics-port", str(replayer_port), "--batch-size", "100")
+    replayer = start_replayer(
+        sqlite_url,
+        redis_server.url,
+        "--target",
+        redis_server.url,
+        "--metrics-port",
+        str(replayer_port),
+        "--batch-size",
+        "100",
+    )
     seen: dict[str, set[str]] = {}
 
     def scrape_replayer(*wanted: str) -> bool:
