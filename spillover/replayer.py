@@ -87,8 +87,6 @@ class ReplayConfig:
     redis_url: str = ""  # as shown to operators (password masked), in the registry
 
 
-#: Rows in a queue's first batch; doubled while batches run well under ``batch_time``.
-SLOW_START_ROWS = 64
 #: A request at least this big (job-hash bytes) that Redis answers by closing the connection, while it takes
 #: a probe write at once, is taken as too large for Redis, not as an outage.
 CLOSED_ON_REQUEST_MIN = 512 * 1024
@@ -383,7 +381,7 @@ class Replayer:
         def fetch(exclude: list[int] | None = None) -> tuple[list[OutboxRow], float]:
             """The next rows, and Redis's time before they were read: their push's deadline counts from it."""
             read_at = self._redis_time()
-            limit = 1 if isolating else self._batch_rows.get(group, min(self.config.batch_size, SLOW_START_ROWS))
+            limit = 1 if isolating else self._batch_rows.get(group, self.config.batch_size)
             found = self.outbox.fetch_pending(group.target, queue, limit, exclude or (), group.host)
             return within_bytes(found, self.config.batch_bytes), read_at
 
@@ -523,7 +521,7 @@ class Replayer:
         """Size ``group``'s next batches so the script runs about ``batch_time``: Redis serves nobody else
         meanwhile, and past its busy threshold answers BUSY to every client (producers would spill)."""
         target_us = self.config.batch_time * 1_000_000
-        size = self._batch_rows.get(group, min(self.config.batch_size, SLOW_START_ROWS))
+        size = self._batch_rows.get(group, self.config.batch_size)
         if ran_us > target_us and sent > 1:
             size = max(1, int(sent * target_us / ran_us))
             log.debug("queue %s: a batch of %d rows ran %.1f ms; %d rows next", group.queue, sent, ran_us / 1000, size)

@@ -69,6 +69,8 @@ def test_killed_between_redis_write_and_outbox_commit_never_doubles(redis_server
         "--once",
         "--batch-size",
         "300",
+        "--batch-time",
+        "4",  # batches of 300, however long Redis takes to run them on a busy machine
         "--lease-ttl",
         "1",
         script=str(TESTS / "crashing_replayer.py"),
@@ -310,17 +312,17 @@ def test_batches_are_sized_by_how_long_the_script_runs(make_redis, sqlite_url):
         client.config_set("slowlog-log-slower-than", 0)
         client.config_set("slowlog-max-len", 100_000)
         client.slowlog_reset()
-        replay_once(sqlite_url, server.url, "--batch-size", "5000", *options)
+        replay_once(sqlite_url, server.url, *options)
         entries = client.slowlog_get(100_000)
         client.config_set("slowlog-log-slower-than", 10_000)
         return sorted(e["duration"] for e in entries if push_sha.encode() in e["command"])  # µs, Redis's own
 
-    unbounded = push_run_times("--batch-time", "4")
+    unbounded = push_run_times("--batch-size", "5000", "--batch-time", "4")
     assert queued(client, "long") == [f"j{n:05d}" for n in range(total)]
     assert unbounded[-1] > 8_000, f"batches of 5,000 rows must run long for this test to mean anything: {unbounded}"
     client.delete("rq:queue:long")
     q.enqueue_many([Queue.prepare_data(jobs.noop, job_id=f"k{n:05d}") for n in range(total)])
-    bounded = push_run_times("--batch-time", "0.002")
+    bounded = push_run_times("--batch-size", "1000", "--batch-time", "0.002")  # the first two batches run long
     assert queued(client, "long") == [f"k{n:05d}" for n in range(total)], "every row, in order"
     median = bounded[len(bounded) // 2]
     assert median <= 4_000, f"batches were to run about 2 ms; the median ran {median} µs ({len(bounded)} calls)"
