@@ -137,6 +137,21 @@ class Queue(rq.Queue):
         self._within_lanes: weakref.WeakKeyDictionary[Engine, SpillLane] = weakref.WeakKeyDictionary()
         self._metrics: dict[str, tuple[Any, Any]] = {}  # per path: this queue's enqueue counter and timer
 
+    @classmethod
+    def from_rq(cls, queue: rq.Queue, **options: Any) -> Queue:
+        """A spillover Queue standing for ``queue``, an ``rq.Queue`` a framework built (Flask-RQ, say):
+        the same name, Redis connection, job class, serializer, default timeout and ``is_async``;
+        ``options`` are spillover's (``outbox=``, ``target=``, ...)."""
+        return cls(
+            queue.name,
+            connection=queue.connection,
+            default_timeout=queue._default_timeout,
+            is_async=queue._is_async,
+            job_class=queue.job_class,
+            serializer=queue.serializer,
+            **options,
+        )
+
     @property
     def health(self) -> RedisHealth:
         return self._server.health
