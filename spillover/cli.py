@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from types import FrameType
@@ -19,7 +20,7 @@ import click
 import redis
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from . import registry, settings
+from . import progress, registry, settings
 from .endpoints import serve
 from .errors import SpilloverError
 from .lease import live_leases
@@ -321,6 +322,7 @@ def replay_main(
         serve(metrics_port, replayer.heartbeat, replayer.ready)
         log.info("serving /metrics, /healthz, /readyz on port %d", metrics_port)
     if once:
+        replayer.progress = progress.for_once(log_format)
         stats = replayer.run_once()
         log.info(
             "done: %d replayed, %d duplicates skipped, %d unique skipped, %d dead",
@@ -345,8 +347,34 @@ def main(log_level: str) -> None:
 @database_option
 @target_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(redis_url: str, database_url: str, target: str | None, as_json: bool) -> None:
+@click.option(
+    "--watch",
+    type=click.FloatRange(0.1),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Redraw every SECONDS (default 2) until Ctrl-C.",
+)
+def status(redis_url: str, database_url: str, target: str | None, as_json: bool, watch: float | None) -> None:
     """Per target and queue: pending rows, age of the oldest, dead rows, who drains it; Redis health."""
+    if watch is None:
+        _show_status(redis_url, database_url, target, as_json)
+        return
+    on_terminal = sys.stdout.isatty() and not as_json
+    try:
+        while True:
+            if on_terminal:
+                click.echo("\x1b[H\x1b[2J", nl=False)  # home, clear: the table is redrawn in place
+            if not as_json:  # JSON: one report per interval, nothing between
+                click.echo(f"{time.strftime('%H:%M:%S')}, every {watch:g} s (Ctrl-C stops)")
+            _show_status(redis_url, database_url, target, as_json)
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        return
+
+
+def _show_status(redis_url: str, database_url: str, target: str | None, as_json: bool) -> None:
     client = client_from_url(redis_url, timeout=1.0)
     mine = resolve_target(target, client)
     outbox = Outbox(database_url, max_backlog=0)

@@ -37,6 +37,7 @@ from .errors import ReplayError
 from .lease import QueueLease, live_leases
 from .markers import Settler
 from .outbox import Outbox, OutboxRow, PendingGroup
+from .progress import Progress
 from .pusher import DUPLICATE, EXISTS, FENCED, LATE, UNDECODABLE, Fence, Pusher
 from .redis_side import is_outage, probe_write, resolve_target
 from .rq_keys import DEFAULT_LAYOUT, KeyLayout, display_target, environment_prefix, split_target
@@ -124,7 +125,9 @@ class Replayer:
         # Leases of the groups this replayer drains, kept from pass to pass while the group has rows:
         # a queue that producers keep filling is drained without taking its lease again each time.
         self._held: dict[Group, QueueLease] = {}
-        self._batch_rows: dict[Group, int] = {}  # per queue: rows per batch, sized by the script's run time
+        self._batch_rows: dict[Group, int] = {}
+        #: How a drain goes, for whoever watches (spillover-replay --once shows it; the service logs only).
+        self.progress: Progress = Progress()  # per queue: rows per batch, sized by the script's run time
         self._untargeted_queues: set[str] = set()  # queues with rows that have no target
         self._claims: set[registry.Claim] = set()  # the targeted row groups it drained at its last look
         self._pending: tuple[float, list[PendingGroup]] = (-1e9, [])  # the last pass's look at the outbox
@@ -372,6 +375,7 @@ class Replayer:
         spelled = display_target(group.lease_name)
         spelled = "" if spelled == self.target else f" (rows of {spelled})"
         log.info("draining queue %s: %d left%s", queue, left, spelled)
+        self.progress.started(queue, left)
         started, moved = time.monotonic(), 0
         confirmed: list[OutboxRow] = []  # in Redis, not yet removed from the outbox
         pusher, settler = self._keys_of(group)
@@ -390,6 +394,7 @@ class Replayer:
             while rows and not self.stopping.is_set():
                 isolating = max(isolating - 1, 0)  # this batch (of one row, if isolating) is one of them
                 self.heartbeat.beat()
+                self.progress.advanced(queue, moved, max(left - moved, len(rows)))
                 self._keep_registered()  # a long drain must not look like a replayer that is gone
                 if group.target is None and not self.matcher.adopt_untargeted:
                     break  # a replayer of another Redis has appeared: rows with no target are no longer ours
@@ -468,6 +473,7 @@ class Replayer:
                 rows, read_at = upcoming
         finally:
             self._confirm(confirmed, settler)
+            self.progress.finished(queue, moved)
         if not rows:
             log.info("drained queue %s: %d rows in %.2f s", queue, moved, time.monotonic() - started)
         return moved
