@@ -84,6 +84,14 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:,.1f} min" if seconds >= 90 else f"{seconds:,.1f} s"
 
 
+def drain(rows: float, rate: float, fleet: float) -> str:
+    """Producers keep spilling behind a backlog of their own (more than 500 rows) until the replayer is
+    through it: the backlog shrinks at the drain rate less the fleet's."""
+    if rate <= fleet:
+        return f"never: the fleet ({fleet:,.0f} jobs/s) outruns the drain ({rate:,.0f} rows/s)"
+    return duration(rows / (rate - fleet))
+
+
 def plan(producers: int, rate: float, outage_min: float, per_row: float, per_host: int) -> list[tuple[str, str]]:
     fleet = producers * rate
     host_rate = rate * per_host
@@ -110,8 +118,8 @@ def plan(producers: int, rate: float, outage_min: float, per_row: float, per_hos
             f"per-host SQLite outbox, {per_host} producer process(es) per host",
             f"{mib(host_rate * outage_min * 60 * per_row)} per host",
         ),
-        ("drain after Redis returns, 1 replayer", duration(rows / DRAIN_ONE_REPLAYER)),
-        ("drain, 2 replayers on 4+ queues", duration(rows / DRAIN_TWO_REPLAYERS)),
+        ("drain after Redis returns, 1 replayer", drain(rows, DRAIN_ONE_REPLAYER, fleet)),
+        ("drain, 2 replayers on 4+ queues", drain(rows, DRAIN_TWO_REPLAYERS, fleet)),
         ("Redis memory spillover adds: markers at the drain's peak", mib(markers_peak)),
         (f"... push traces, for {trace_h:g} h after the drain", mib(traces)),
         ("... after that", "0 (one fence key per queue)"),

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 import redis
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
 from . import progress, registry, settings
 from .endpoints import serve
@@ -152,7 +152,9 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        # On a terminal a log line first clears the line a progress bar may be on (it is redrawn after).
+        clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+        handler.setFormatter(logging.Formatter(clear + "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
@@ -318,7 +320,7 @@ def replay_main(
     replayer.stopping = stopping
     log.info("replaying %s -> %s (target %s)", outbox.url, settings.redact(redis_url), replayer.target)
     if metrics_port is not None:
-        register_backlog(outbox.queue_stats)
+        register_backlog(outbox.queue_stats, outbox.identity)
         serve(metrics_port, replayer.heartbeat, replayer.ready)
         log.info("serving /metrics, /healthz, /readyz on port %d", metrics_port)
     if once:
@@ -366,18 +368,31 @@ def status(redis_url: str, database_url: str, target: str | None, as_json: bool,
         while True:
             if on_terminal:
                 click.echo("\x1b[H\x1b[2J", nl=False)  # home, clear: the table is redrawn in place
-            if not as_json:  # JSON: one report per interval, nothing between
+            if not as_json:  # JSON: one report per line, per interval, nothing between
                 click.echo(f"{time.strftime('%H:%M:%S')}, every {watch:g} s (Ctrl-C stops)")
-            _show_status(redis_url, database_url, target, as_json)
+            try:
+                _show_status(redis_url, database_url, target, as_json, one_line=True)
+            except (SQLAlchemyError, redis.RedisError, SpilloverError) as exc:  # an outage: keep watching
+                click.echo(f"cannot read the status now: {str(exc).splitlines()[0] if str(exc) else exc!r}", err=True)
             time.sleep(watch)
     except KeyboardInterrupt:
         return
 
 
-def _show_status(redis_url: str, database_url: str, target: str | None, as_json: bool) -> None:
+def _show_status(redis_url: str, database_url: str, target: str | None, as_json: bool, one_line: bool = False) -> None:
     client = client_from_url(redis_url, timeout=1.0)
-    mine = resolve_target(target, client)
     outbox = Outbox(database_url, max_backlog=0)
+    try:
+        _report_status(client, outbox, redis_url, target, as_json, one_line)
+    finally:  # --watch makes one per redraw
+        outbox.engine.dispose()
+        client.close()
+
+
+def _report_status(
+    client: redis.Redis, outbox: Outbox, redis_url: str, target: str | None, as_json: bool, one_line: bool
+) -> None:
+    mine = resolve_target(target, client)
     outbox.check_schema()
     queues = outbox.queue_stats()
     # by lease name as people name it: a Redis's leases of 0.4 ("tests") and of 0.5 ("tests#rq") alike
@@ -427,7 +442,7 @@ def _show_status(redis_url: str, database_url: str, target: str | None, as_json:
         ],
     }
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report, indent=None if one_line else 2))
         return
     click.echo(f"outbox: {report['outbox']}")
     click.echo(f"redis:  {report['redis']['url']} ({redis_state}), target {mine}")

@@ -38,10 +38,14 @@ ENQUEUE_FAILED = Counter(
     ["queue", "reason"],
 )
 BACKLOG_FULL, OUTBOX_UNAVAILABLE, OUTBOX_NOT_MIGRATED = "backlog_full", "outbox_unavailable", "outbox_not_migrated"
+#: OutboxUnavailable with in_doubt: the row may be stored (and then delivered); counted apart.
+OUTBOX_IN_DOUBT = "outbox_in_doubt"
+FAILURE_REASONS = (BACKLOG_FULL, OUTBOX_UNAVAILABLE, OUTBOX_IN_DOUBT, OUTBOX_NOT_MIGRATED)
 PRODUCER_REDIS_UP = Gauge(
     "spillover_producer_redis_up",
-    "1 while this producer process takes its Redis server for healthy (jobs go direct), 0 while it spills.",
+    "1 while this producer process takes its Redis server for healthy, 0 while its breaker is open (Redis down).",
     ["server"],
+    multiprocess_mode="livemin",  # prometheus_client's multiprocess mode (gunicorn): live workers only
 )
 
 # -- replayer --------------------------------------------------------------------------
@@ -65,10 +69,10 @@ REFUSED = Counter(
 # is told by their absence); registered by register_replayer().
 REDIS_UP = Gauge(
     "spillover_redis_up",
-    "1 when the replayer's write-probe to Redis succeeds, 0 when it fails (NaN before the first).",
+    "1 when the replayer's write-probe to its Redis (target) succeeds, 0 when it fails (NaN before the first).",
+    ["target"],
     registry=None,
 )
-REDIS_UP.set(float("nan"))
 LEASE_HELD = Gauge(
     "spillover_lease_held", "Queue leases this replayer holds now (the queues it is draining).", registry=None
 )
@@ -81,7 +85,7 @@ LEASE_HOLDER = Gauge(
 UNCLAIMED = Gauge(
     "spillover_unclaimed_rows",
     "Pending rows that no running replayer drains (a target no replayer recognises, or no replayer on its host).",
-    ["target"],
+    ["outbox", "target"],
     registry=None,
 )
 _REPLAYER_ONLY = (REDIS_UP, LEASE_HELD, LEASE_HOLDER, UNCLAIMED)
@@ -102,13 +106,15 @@ def set_leases(held: list[tuple[str, str]]) -> None:
         LEASE_HOLDER.labels(target, queue).set(1)
 
 
-def set_unclaimed(rows_by_target: dict[str, int]) -> None:
+def set_unclaimed(outbox: str, rows_by_target: dict[str, int]) -> None:
     UNCLAIMED.clear()
     for target, rows in rows_by_target.items():
-        UNCLAIMED.labels(target).set(rows)
+        UNCLAIMED.labels(outbox, target).set(rows)
 
 
-LABELS = ["target", "queue"]
+#: ``outbox`` names the table the figures come from: every replayer of one outbox exports the same
+#: figures (take max per outbox), and per-host outboxes of one Redis add up (then sum over outboxes).
+LABELS = ["outbox", "target", "queue"]
 
 
 class BacklogCollector(Collector):
@@ -117,8 +123,9 @@ class BacklogCollector(Collector):
     Cached for ``max_age`` seconds so frequent scrapes do not load the database.
     """
 
-    def __init__(self, stats: Callable[[], list[dict[str, Any]]], max_age: float = 5.0) -> None:
+    def __init__(self, stats: Callable[[], list[dict[str, Any]]], outbox: str, max_age: float = 5.0) -> None:
         self._stats = stats
+        self._outbox = outbox
         self._max_age = max_age
         self._cached: list[dict[str, Any]] = []
         self._read_at = -1e9
@@ -131,14 +138,14 @@ class BacklogCollector(Collector):
         oldest = GaugeMetricFamily("spillover_backlog_oldest_seconds", "Age of the oldest pending row.", labels=LABELS)
         dead = GaugeMetricFamily("spillover_dead_rows", "Outbox rows marked dead.", labels=LABELS)
         for entry in self._cached:
-            labels = [entry["target"] or UNTARGETED, entry["queue"]]
+            labels = [self._outbox, entry["target"] or UNTARGETED, entry["queue"]]
             rows.add_metric(labels, entry["pending"])
             oldest.add_metric(labels, entry["oldest_age_s"] or 0.0)
             dead.add_metric(labels, entry["dead"])
         yield from (rows, oldest, dead)
 
 
-def register_backlog(stats: Callable[[], list[dict[str, Any]]]) -> BacklogCollector:
-    collector = BacklogCollector(stats)
+def register_backlog(stats: Callable[[], list[dict[str, Any]]], outbox: str) -> BacklogCollector:
+    collector = BacklogCollector(stats, outbox)
     REGISTRY.register(collector)
     return collector

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -94,6 +95,12 @@ class Outbox(OperatorQueries):
 
     def __repr__(self) -> str:
         return f"Outbox({self.url!r})"
+
+    @property
+    def identity(self) -> str:
+        """Which table this is, as metrics label it: the URL (password masked), and for a SQLite file the
+        host too (per-host outboxes share a path, not a table)."""
+        return f"{socket.gethostname()}:{self.url}" if self._is_sqlite else self.url
 
     @contextmanager
     def _transaction(self, read_only: bool = False) -> Iterator[Connection]:

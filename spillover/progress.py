@@ -8,9 +8,12 @@ logs stay one record per line.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from typing import TextIO
+
+from . import settings
 
 log = logging.getLogger("spillover.replay")
 
@@ -29,8 +32,8 @@ class Progress:
     def advanced(self, queue: str, moved: int, left: int) -> None:
         pass
 
-    def finished(self, queue: str, moved: int) -> None:
-        pass
+    def finished(self, queue: str, moved: int, complete: bool) -> None:
+        """``complete``: nothing was left of the queue (else the drain stopped: lease lost, stop asked)."""
 
 
 class _Tracked:
@@ -63,9 +66,10 @@ class BarProgress(Progress):
         if tracked is not None and time.monotonic() - tracked.shown >= BAR_INTERVAL:
             self._draw(queue, moved, left)
 
-    def finished(self, queue: str, moved: int) -> None:
+    def finished(self, queue: str, moved: int, complete: bool) -> None:
         if queue in self._queues:
-            self._draw(queue, moved, 0)
+            if complete:
+                self._draw(queue, moved, 0)
             self.stream.write("\n")
             self.stream.flush()
             del self._queues[queue]
@@ -77,7 +81,9 @@ class BarProgress(Progress):
         filled = int(done * BAR_WIDTH)
         rate, eta = tracked.figures(moved, left)
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
-        self.stream.write(f"\r{queue} [{bar}] {left:,} left, {rate:,.0f} rows/s, ETA {eta}\x1b[K")
+        line = f"{queue} [{bar}] {left:,} left, {rate:,.0f} rows/s, ETA {eta}"
+        width = shutil.get_terminal_size((80, 24)).columns - 1  # a wrapped line would not be redrawn in place
+        self.stream.write(f"\r{line[:width]}\x1b[K")
         self.stream.flush()
         tracked.shown = time.monotonic()
 
@@ -85,7 +91,8 @@ class BarProgress(Progress):
 class LogProgress(Progress):
     """A log record per queue every LOG_INTERVAL seconds while it drains."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
         self._queues: dict[str, _Tracked] = {}
 
     def started(self, queue: str, left: int) -> None:
@@ -94,12 +101,12 @@ class LogProgress(Progress):
 
     def advanced(self, queue: str, moved: int, left: int) -> None:
         tracked = self._queues.get(queue)
-        if tracked is not None and time.monotonic() - tracked.shown >= LOG_INTERVAL:
+        if tracked is not None and time.monotonic() - tracked.shown >= self.interval:
             rate, eta = tracked.figures(moved, left)
             log.info("queue %s: %d left, %.0f rows/s, ETA %s", queue, left, rate, eta)
             tracked.shown = time.monotonic()
 
-    def finished(self, queue: str, moved: int) -> None:
+    def finished(self, queue: str, moved: int, complete: bool) -> None:
         self._queues.pop(queue, None)
 
 
@@ -108,7 +115,7 @@ def for_once(log_format: str, stream: TextIO | None = None) -> Progress:
     stream = stream or sys.stderr
     if log_format == "text" and stream.isatty():
         return BarProgress(stream)
-    return LogProgress()
+    return LogProgress(settings.env_float("SPILLOVER_PROGRESS_INTERVAL", LOG_INTERVAL))
 
 
 def _clock(seconds: float) -> str:

@@ -136,6 +136,8 @@ class Queue(rq.Queue):
         # within(): per database of a caller's transaction, the lane of its rows
         self._within_lanes: weakref.WeakKeyDictionary[Engine, SpillLane] = weakref.WeakKeyDictionary()
         self._metrics: dict[str, tuple[Any, Any]] = {}  # per path: this queue's enqueue counter and timer
+        for reason in metrics.FAILURE_REASONS:  # at 0 from the start: the first failure is an increase
+            metrics.ENQUEUE_FAILED.labels(name, reason)
 
     @classmethod
     def from_rq(cls, queue: rq.Queue, **options: Any) -> Queue:
@@ -149,6 +151,7 @@ class Queue(rq.Queue):
             is_async=queue._is_async,
             job_class=queue.job_class,
             serializer=queue.serializer,
+            death_penalty_class=queue.death_penalty_class,
             **options,
         )
 
@@ -460,8 +463,9 @@ def _counting_failures(queue: str, jobs: int) -> Iterator[None]:
     except BacklogFull:
         metrics.ENQUEUE_FAILED.labels(queue, metrics.BACKLOG_FULL).inc(jobs)
         raise
-    except OutboxUnavailable:
-        metrics.ENQUEUE_FAILED.labels(queue, metrics.OUTBOX_UNAVAILABLE).inc(jobs)
+    except OutboxUnavailable as exc:
+        reason = metrics.OUTBOX_IN_DOUBT if exc.in_doubt else metrics.OUTBOX_UNAVAILABLE
+        metrics.ENQUEUE_FAILED.labels(queue, reason).inc(jobs)
         raise
     except OutboxNotMigrated:
         metrics.ENQUEUE_FAILED.labels(queue, metrics.OUTBOX_NOT_MIGRATED).inc(jobs)

@@ -121,13 +121,14 @@ class Replayer:
         self.target = resolve_target(self.config.target, client)
         # Rows with no target are adopted only once the registry shows no replayer of another Redis.
         self.matcher = TargetMatcher(self.target, adopt_untargeted=False)
+        metrics.REDIS_UP.labels(str(display_target(self.target))).set(float("nan"))  # not probed yet
         self._busy: list[Group] = []  # groups another replayer was draining at our last pass
         # Leases of the groups this replayer drains, kept from pass to pass while the group has rows:
         # a queue that producers keep filling is drained without taking its lease again each time.
         self._held: dict[Group, QueueLease] = {}
-        self._batch_rows: dict[Group, int] = {}
+        self._batch_rows: dict[Group, int] = {}  # per queue: rows per batch, sized by the script's run time
         #: How a drain goes, for whoever watches (spillover-replay --once shows it; the service logs only).
-        self.progress: Progress = Progress()  # per queue: rows per batch, sized by the script's run time
+        self.progress: Progress = Progress()
         self._untargeted_queues: set[str] = set()  # queues with rows that have no target
         self._claims: set[registry.Claim] = set()  # the targeted row groups it drained at its last look
         self._pending: tuple[float, list[PendingGroup]] = (-1e9, [])  # the last pass's look at the outbox
@@ -473,7 +474,7 @@ class Replayer:
                 rows, read_at = upcoming
         finally:
             self._confirm(confirmed, settler)
-            self.progress.finished(queue, moved)
+            self.progress.finished(queue, moved, complete=not rows)
         if not rows:
             log.info("drained queue %s: %d rows in %.2f s", queue, moved, time.monotonic() - started)
         return moved
@@ -615,7 +616,7 @@ class Replayer:
         return True
 
     def _set_redis_up(self, up: bool, reason: object = None) -> None:
-        metrics.REDIS_UP.set(1 if up else 0)
+        metrics.REDIS_UP.labels(str(display_target(self.target))).set(1 if up else 0)
         if up and self._redis_up is not True:
             log.info("redis healthy; replaying")
         elif not up and self._redis_up is not False:
@@ -666,7 +667,7 @@ class Replayer:
         for u in stranded:  # a Redis's rows of 0.4 ("tests") and of this release ("tests#rq") under one name
             name = str(display_target(u.group.lease_name))
             by_name[name] = by_name.get(name, 0) + u.rows
-        metrics.set_unclaimed(by_name)
+        metrics.set_unclaimed(self.outbox.identity, by_name)
         if not stranded or time.monotonic() - self._unclaimed_warned_at < UNCLAIMED_WARN_AFTER:
             return
         old = [

@@ -146,8 +146,8 @@ def post_json(port: int, path: str, payload: dict[str, Any], status: int) -> dic
 def redis_up_metric(port: int) -> float | None:
     """A running replayer's spillover_redis_up (None until it serves metrics)."""
     for line in http_get(port, "/metrics")[1].splitlines():
-        if line.startswith("spillover_redis_up "):
-            return float(line.split()[1])
+        if line.startswith(("spillover_redis_up ", "spillover_redis_up{")):
+            return float(line.split()[-1])
     return None
 
 

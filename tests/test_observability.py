@@ -133,8 +133,13 @@ def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(redis_se
         wait_for(lambda: client.llen("rq:queue:replayed") >= 20_000, timeout=120)
         wait_for(lambda: scrape_replayer("spillover_dead_rows", "spillover_unclaimed_rows"), timeout=60)
         wait_for(ready.exists, timeout=60)
-        for name, labels in scrape(producer_port).items():
+        from_producer = scrape(producer_port)
+        for name, labels in from_producer.items():
             seen.setdefault(name, set()).update(labels)
+        # "no replayer running" is told by these gauges' absence: a producer must never export them
+        replayer_only = {"spillover_lease_held", "spillover_lease_holder", "spillover_redis_up"}
+        assert not replayer_only & set(from_producer), sorted(replayer_only & set(from_producer))
+        assert from_producer["spillover_enqueue_failed_total"] >= {"queue", "reason"}
     finally:
         ready.with_name(ready.name + ".stop").touch()
         producer_proc.communicate(timeout=30)

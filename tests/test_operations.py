@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jobs
 import redis
@@ -16,6 +17,8 @@ from spillover import Outbox, Queue
 
 
 def metric(text: str, name: str) -> float | None:
+    """A sample's value; labels as in ``name`` (the outbox label, one per table, aside)."""
+    text = re.sub(r'outbox="[^"]*",', "", text)
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])

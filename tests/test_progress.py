@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -68,13 +69,20 @@ def test_replay_once_on_a_terminal_draws_a_bar_per_queue(redis_server, sqlite_ur
 
 
 def test_replay_once_not_on_a_terminal_writes_log_lines_and_json_stays_json(redis_server, sqlite_url):
-    spill(sqlite_url, "lines", 2_000)
-    text = replay_once(sqlite_url, redis_server.url, "--log-level", "INFO")
-    assert "\r" not in text.stderr and "[#" not in text.stderr
-    assert "drained queue lines: 2000 rows" in text.stderr
-    spill(sqlite_url, "lines", 2_000)
-    as_json = replay_once(sqlite_url, redis_server.url, "--log-level", "INFO", "--log-format", "json")
-    records = [json.loads(line) for line in as_json.stderr.splitlines() if line.strip()]
+    often = {**env_with_tests(), "SPILLOVER_PROGRESS_INTERVAL": "0.05"}  # a line per 50 ms, not per 5 s
+    spill(sqlite_url, "lines", 20_000)
+    text = replay_once(sqlite_url, redis_server.url, "--log-level", "INFO", "--batch-size", "100", env=often)
+    assert "\r" not in text.stderr and "[#" not in text.stderr and "\x1b" not in text.stderr
+    progress = re.findall(r"queue lines: ([\d]+) left, [\d]+ rows/s, ETA [\d:?]+", text.stderr)
+    assert len(progress) >= 2, text.stderr[-2000:]
+    assert int(progress[0]) > int(progress[-1]), "fewer left as it goes"
+    assert "drained queue lines: 20000 rows" in text.stderr
+    spill(sqlite_url, "lines", 20_000)
+    as_json = replay_once(
+        sqlite_url, redis_server.url, "--log-level", "INFO", "--batch-size", "100", "--log-format", "json", env=often
+    )
+    records = [json.loads(line) for line in as_json.stderr.splitlines() if line.strip()]  # every line one object
+    assert any(" left, " in record["message"] for record in records)
     assert any("drained queue lines" in record["message"] for record in records)
 
 
