@@ -225,7 +225,11 @@ def test_markers_of_transactional_commits_go_one_window_after_their_rows(redis_s
             q.within(session).enqueue(jobs.noop)
     assert client.llen("rq:queue:orders") == 1000
     wait_for(lambda: Outbox(sqlite_url).pending_count() == 0, timeout=10)
-    time.sleep(2.5)  # the window: a replayer that read a row before its delete may still send it until then
+    # rows deleted, then their markers settled (shortened to the window) by the settler's next batch: from
+    # the moment it has sent them all, one window (a replayer that read a row before its delete may still
+    # send it until then), and a little for Redis to expire keys on a busy machine
+    wait_for(q._settler.idle, timeout=10)
+    time.sleep(2.5)
     left = len(marker_keys(client))
     assert left <= 10, f"{left} markers left one window after 1,000 commits (at most 1%)"
 
