@@ -122,7 +122,7 @@ def test_random_faults_against_the_model(redis_server, tmp_path, monkeypatch):
     run_state_machine_as_test(
         SpilloverModel,
         settings=settings(
-            max_examples=100,
+            max_examples=50,  # each a fresh Redis state and up to 25 steps: ~1 min on 2 cores
             stateful_step_count=25,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
