@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -108,6 +109,57 @@ def run_worker(redis_url: str, *queues: str) -> None:
         env=env_with_tests(),
         timeout=120,
     )
+
+
+def start_forked(target: Any, *args: Any) -> Any:
+    """A forked child running ``target(*args)``; SIGUSR1 prints the stacks of all its threads.
+
+    The fork happens with the garbage collector off (collected just before): earlier tests leave engines
+    behind, and a collection on another thread (a settler's) closes their SQLite connections with the GIL
+    released; a fork at that moment gives the child SQLite's global mutexes locked, and it hangs in its
+    next SQLite call (reproduced: 7 of 320 children). An application forks from a quiet process; the
+    suite's process is not one.
+    """
+    import gc
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_dumpable, args=(target, args))
+    gc.collect()
+    gc.disable()
+    try:
+        child.start()
+    finally:
+        gc.enable()
+    return child
+
+
+def join_forked(children: list[Any], timeout: float = 60.0) -> None:
+    """Check each child exits 0. One still running after ``timeout`` has its threads' stacks printed
+    (to its stderr, which pytest shows) before the test fails: a hang is then a report, not a mystery."""
+    ends = time.monotonic() + timeout
+    for child in children:
+        child.join(max(ends - time.monotonic(), 0.1))
+    hung = [child for child in children if child.exitcode is None]
+    for child in hung:
+        os.kill(child.pid, signal.SIGUSR1)
+    time.sleep(1 if hung else 0)  # the dumps are written
+    for child in hung:
+        child.kill()
+    assert [child.exitcode for child in children] == [0] * len(children), "a child failed or hung: see stderr"
+
+
+def run_forked(target: Any, args_per_child: list[tuple[Any, ...]], timeout: float = 60.0) -> None:
+    """Run ``target`` in forked children at once; each must exit 0."""
+    join_forked([start_forked(target, *args) for args in args_per_child], timeout)
+
+
+def _dumpable(target: Any, args: tuple[Any, ...]) -> None:
+    import faulthandler
+    import gc
+
+    gc.enable()  # forked while the parent had it off
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    target(*args)
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> None:

@@ -11,7 +11,7 @@ import pytest
 import redis
 import rq
 from forms import FORMS, assert_same_as_native, prepare, run_natively
-from helpers import replay_once, run_worker, snapshot, wait_for
+from helpers import join_forked, replay_once, run_forked, run_worker, snapshot, start_forked, wait_for
 from servers import free_port
 
 from spillover import BacklogFull, Outbox, OutboxNotMigrated, OutboxUnavailable, Queue, was_spilled
@@ -264,20 +264,12 @@ def test_threads_share_one_queue_without_loss(redis_server, sqlite_url):
 
 
 def test_forked_children_use_a_queue_made_before_the_fork(redis_server, sqlite_url, tmp_path):
-    import multiprocessing
-
     proxy = FaultProxy("127.0.0.1", redis_server.port)
     q = Queue("forked", connection=redis.Redis(port=proxy.port), outbox=sqlite_url)
     q.enqueue(jobs.noop, job_id="parent-direct")  # pools and engine exist before the fork
     proxy.set_mode("refuse")
     q.enqueue(jobs.noop, job_id="parent-spilled")
-    ctx = multiprocessing.get_context("fork")
-    children = [ctx.Process(target=_child_enqueue, args=(q, n)) for n in range(4)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(60)
-        assert child.exitcode == 0
+    run_forked(_child_enqueue, [(q, n) for n in range(4)])
     proxy.set_mode("pass")
     replay_once(sqlite_url, redis_server.url)
     ids = {x.decode() for x in redis_server.client().lrange("rq:queue:forked", 0, -1)}
@@ -297,13 +289,11 @@ def test_a_child_forked_while_redis_is_down_probes_it_and_goes_direct_when_it_is
     assert was_spilled(q.enqueue(jobs.noop)) and not q.health.is_up  # the breaker is open
     ctx = multiprocessing.get_context("fork")
     go, report = ctx.Event(), ctx.Queue()
-    child = ctx.Process(target=_child_after_outage, args=(q, go, report))
-    child.start()
+    child = start_forked(_child_after_outage, q, go, report)
     proxy.set_mode("pass")  # Redis is back; the parent's prober sees it, the child's must too
     go.set()
     direct_at, spilled_before = report.get(timeout=30)
-    child.join(30)
-    assert child.exitcode == 0
+    join_forked([child], 30)
     assert direct_at is not None, f"the child never went back to Redis ({spilled_before} spilled)"
     assert direct_at < 3.0, f"the child went direct only after {direct_at:.1f} s"
     proxy.close()

@@ -16,7 +16,7 @@ import jobs
 import pytest
 import redis
 from forms import FORMS, assert_same_as_native, run_natively
-from helpers import env_with_tests, replay_once, run_worker, snapshot, wait_for
+from helpers import env_with_tests, replay_once, run_forked, run_worker, snapshot, wait_for
 from orders import Base, Order, items
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
@@ -335,8 +335,6 @@ def test_a_connection_commit_wakes_a_listening_replayer_on_postgres(redis_server
 
 
 def test_forked_children_commit_with_a_queue_made_before_the_fork(redis_server, sqlite_url):
-    import multiprocessing
-
     engine = create_engine(sqlite_url)
     Base.metadata.create_all(engine)
     q = Queue("orders", connection=redis_server.client(), outbox=sqlite_url)
@@ -344,13 +342,7 @@ def test_forked_children_commit_with_a_queue_made_before_the_fork(redis_server, 
         session.add(Order(item="parent"))
         q.within(session).enqueue(jobs.noop, job_id="parent")
     engine.dispose()
-    ctx = multiprocessing.get_context("fork")
-    children = [ctx.Process(target=_child_commits, args=(q, sqlite_url, n)) for n in range(4)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(60)
-        assert child.exitcode == 0
+    run_forked(_child_commits, [(q, sqlite_url, n) for n in range(4)])
     expected = ["parent"] + [f"c{n}-{i}" for n in range(4) for i in range(20)]
     assert sorted(queued(redis_server.client())) == sorted(expected), "each child pushed its own commits"
     assert sorted(items(engine)) == sorted(expected)
