@@ -37,6 +37,9 @@ _local = threading.local()
 
 #: libpq's connect_timeout is whole seconds, and at least 2.
 LIBPQ_LEAST_CONNECT_TIMEOUT = 2
+#: SQLite's lock wait is shortened only when the budget left is shorter than it by more than this (ms):
+#: two statements a checkout otherwise, on the spill path.
+BUSY_SLACK_MS = 250
 #: Seconds a connect begun late in an enqueue's budget may overrun it (or a tenth of the budget, if more).
 CONNECT_OVERRUN = 0.5
 
@@ -168,7 +171,7 @@ def watch(engine: Engine) -> None:
                 busy_ms = record.info["spillover_busy_default"] = int(
                     dbapi_connection.execute("PRAGMA busy_timeout").fetchone()[0]
                 )
-            if left_ms < busy_ms:
+            if left_ms < busy_ms - BUSY_SLACK_MS:  # an enqueue's checkout: left ~ the whole limit, nothing to do
                 dbapi_connection.execute(f"PRAGMA busy_timeout={left_ms}")
                 record.info["spillover_busy_shortened"] = True
 
@@ -244,6 +247,7 @@ class _Watchdog:
         self._armed: dict[int, tuple[float, Callable[[], None]]] = {}
         self._fired: set[int] = set()
         self._pid = -1
+        self._waking_at = 0.0  # when the thread wakes next: an earlier deadline must wake it (notify)
 
     def arm(self, key: int, until: float, cut: Callable[[], None]) -> None:
         with self._cond:
@@ -254,7 +258,8 @@ class _Watchdog:
                     target=self._run, args=(os.getpid(),), name="spillover-db-watchdog", daemon=True
                 ).start()
                 self._pid = os.getpid()  # only once it runs: a failed start is tried again by the next call
-            self._cond.notify()
+            if until < self._waking_at:  # the usual arm is later than a wake already planned: no switch
+                self._cond.notify()
 
     def disarm(self, key: int) -> bool:
         with self._cond:
@@ -276,8 +281,9 @@ class _Watchdog:
                         self._armed.pop(key)[1]()
                     self._fired.add(key)
                 if not due:
-                    nearest = min((until for until, _ in self._armed.values()), default=now + 60)
-                    self._cond.wait(nearest - now)
+                    self._waking_at = min((until for until, _ in self._armed.values()), default=now + 60)
+                    self._cond.wait(self._waking_at - now)
+                    self._waking_at = 0.0
 
 
 _watchdog = _Watchdog()

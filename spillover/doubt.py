@@ -87,6 +87,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def settleable(done: list[tuple[str, str | None]], rows: Sequence[SpilledJob]) -> list[tuple[str, str | None]]:
+    """Of ``done`` (job id, delivery) pairs of ``rows``, those whose markers may be settled: not a retry's."""
+    if not _deliveries and not any(row.options for row in rows):  # the usual case: no retry among them
+        return done
+    return [item for item, row in zip(done, rows, strict=False) if not keeps_marker(row.options)]
+
+
 def keeps_marker(options: str | None) -> bool:
     """Whether a row's delivery was in doubt once: its marker must not be shortened when it is pushed."""
     return options is not None and f'"{OPTION}"' in options

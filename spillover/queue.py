@@ -338,8 +338,7 @@ class Queue(rq.Queue):
         done = [(row.job_id, row.delivery) for row in rows[: len(result.codes)]]
         if result.complete:
             # the reply came back: nobody will look for these markers (but a retried delivery's first copy may)
-            kept = [doubt.keeps_marker(row.options) for row in rows]
-            self._settler.confirmed([item for item, keep in zip(done, kept, strict=False) if not keep])
+            self._settler.confirmed(doubt.settleable(done, rows))
             doubt.settled(rows)
             if outbox_rows:  # these ids are in Redis now, as RQ writes them: no longer outbox parents
                 outbox_rows.forget(jobs)
