@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jobs
@@ -21,7 +22,7 @@ from helpers import LAYOUT, env_with_tests, replay_once, run_worker, snapshot, w
 from orders import Base, Order
 from rq.job import Dependency, Job
 from servers import free_port
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
 from spillover import Outbox, Queue, was_spilled
@@ -55,6 +56,19 @@ def lines(log: Path) -> list[str]:
 
 def deferred(client: redis.Redis, queue: str) -> list[str]:
     return sorted(member.decode() for member in client.zrange(LAYOUT.deferred(queue), 0, -1))
+
+
+@pytest.fixture
+def two_queues(redis_server, sqlite_url, tmp_path) -> Iterator[tuple[redis.Redis, Path, Engine, Queue, Queue]]:
+    """Queues a and b on one Redis and one SQLite outbox that also holds the application's orders, and a log
+    file the jobs append to."""
+    client = redis_server.client()
+    engine = create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    a = Queue("a", connection=client, outbox=sqlite_url)
+    b = Queue("b", connection=client, outbox=sqlite_url)
+    yield client, tmp_path / "ran.txt", engine, a, b
+    engine.dispose()
 
 
 def test_spilled_parent_and_child_on_two_queues_by_two_replayers_run_parent_first(redis_server, sqlite_url, tmp_path):
@@ -148,13 +162,8 @@ def test_a_failing_spilled_parent_lets_a_child_that_allows_failures_run_after_it
         assert Job.fetch("tolerant", connection=client).get_status() == "finished"
 
 
-def test_a_child_of_a_rolled_back_transactional_parent_stays_deferred_and_visible(redis_server, sqlite_url, tmp_path):
-    client = redis_server.client()
-    log = tmp_path / "ran.txt"
-    engine = create_engine(sqlite_url)
-    Base.metadata.create_all(engine)
-    a = Queue("a", connection=client, outbox=sqlite_url)
-    b = Queue("b", connection=client, outbox=sqlite_url)
+def test_a_child_of_a_rolled_back_transactional_parent_stays_deferred_and_visible(two_queues, redis_server, sqlite_url):
+    client, log, engine, a, b = two_queues
     with Session(engine) as session:
         session.add(Order(item="never"))
         parent = a.within(session).enqueue(jobs.append_line, str(log), "parent", job_id="tx-parent")
@@ -169,18 +178,12 @@ def test_a_child_of_a_rolled_back_transactional_parent_stays_deferred_and_visibl
     # what stands for the parent that never came: a placeholder, so RQ never takes it for done
     assert client.hgetall(LAYOUT.job_prefix + "tx-parent") == {b"status": b"deferred", b"spillover_placeholder": b"1"}
     assert Outbox(sqlite_url).pending_count() == 0
-    engine.dispose()
 
 
-def test_a_child_with_a_parent_in_redis_and_one_in_an_outbox_waits_for_both(redis_server, sqlite_url, tmp_path):
+def test_a_child_with_a_parent_in_redis_and_one_in_an_outbox_waits_for_both(two_queues, redis_server):
     """RQ, deciding when the parent in Redis finishes whether the child's other parents are done, counts one
     it cannot find as done: the outbox parent's placeholder keeps the child deferred until it is pushed."""
-    client = redis_server.client()
-    log = tmp_path / "ran.txt"
-    engine = create_engine(sqlite_url)
-    Base.metadata.create_all(engine)
-    a = Queue("a", connection=client, outbox=sqlite_url)
-    b = Queue("b", connection=client, outbox=sqlite_url)
+    client, log, engine, a, b = two_queues
     with Session(engine) as session:
         session.add(Order(item="later"))
         in_outbox = a.within(session).enqueue(jobs.append_line, str(log), "in-outbox", job_id="in-outbox")
@@ -193,19 +196,13 @@ def test_a_child_with_a_parent_in_redis_and_one_in_an_outbox_waits_for_both(redi
     run_worker(redis_server.url, "a", "b")
     assert lines(log) == ["in-redis", "in-outbox", "child"]
     assert not client.hexists(LAYOUT.job_prefix + "in-outbox", "spillover_placeholder")
-    engine.dispose()
 
 
-def test_a_child_replayed_after_its_committed_parent_finished_and_expired_runs(redis_server, sqlite_url, tmp_path):
+def test_a_child_replayed_after_its_committed_parent_finished_and_expired_runs(two_queues, redis_server, sqlite_url):
     """The parent pushed at its commit, run, finished and gone (result_ttl=0), its marker settled; the child,
     written in the same transaction on a queue that spills, replayed later: the parent's push left a trace,
     so the child is RQ's (its parent done) and runs, instead of waiting for ever."""
-    client = redis_server.client()
-    log = tmp_path / "ran.txt"
-    engine = create_engine(sqlite_url)
-    Base.metadata.create_all(engine)
-    a = Queue("a", connection=client, outbox=sqlite_url)
-    b = Queue("b", connection=client, outbox=sqlite_url)
+    client, log, engine, a, b = two_queues
     b.lane_within(engine).spilling = True  # queue b's transactional lane has rows waiting: its jobs wait too
     with Session(engine) as session:
         session.add(Order(item="now"))
@@ -219,16 +216,10 @@ def test_a_child_replayed_after_its_committed_parent_finished_and_expired_runs(r
     replay_once(sqlite_url, redis_server.url, "--queue", "b")
     run_worker(redis_server.url, "b")
     assert lines(log) == ["parent", "child"]
-    engine.dispose()
 
 
-def test_a_child_of_a_committed_transactional_parent_runs_after_it(redis_server, sqlite_url, tmp_path):
-    client = redis_server.client()
-    log = tmp_path / "ran.txt"
-    engine = create_engine(sqlite_url)
-    Base.metadata.create_all(engine)
-    a = Queue("a", connection=client, outbox=sqlite_url)
-    b = Queue("b", connection=client, outbox=sqlite_url)
+def test_a_child_of_a_committed_transactional_parent_runs_after_it(two_queues, redis_server):
+    _, log, engine, a, b = two_queues
     with Session(engine) as session, session.begin():
         session.add(Order(item="kept"))
         parent = a.within(session).enqueue(jobs.append_line, str(log), "parent")
@@ -236,7 +227,6 @@ def test_a_child_of_a_committed_transactional_parent_runs_after_it(redis_server,
         assert child.get_status() == "deferred", "before the commit, the parent is not in Redis"
     run_worker(redis_server.url, "b", "a")
     assert lines(log) == ["parent", "child"]
-    engine.dispose()
 
 
 def test_a_child_enqueued_directly_while_its_parents_queue_spills_waits_for_it(redis_server, sqlite_url, tmp_path):

@@ -53,6 +53,18 @@ def timed_enqueue(queue: Queue, job_id: str) -> tuple[float, OutboxUnavailable |
     return time.monotonic() - started, None
 
 
+def timed_enqueues_at_once(queue: Queue, count: int) -> list[tuple[float, OutboxUnavailable | None]]:
+    """``timed_enqueue`` on ``count`` threads of this process at once (job ids t0, t1, ...)."""
+    results: list[tuple[float, OutboxUnavailable | None]] = []
+    threads = [threading.Thread(target=lambda n=n: results.append(timed_enqueue(queue, f"t{n}"))) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == count, "an enqueue still blocked after 30 s"
+    return results
+
+
 def stored(url: str) -> list[tuple[str, str, str | None]]:
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -100,14 +112,7 @@ def test_concurrent_enqueues_on_a_stalled_outbox_each_keep_the_bound(pg):
     queue = Queue(QUEUE, connection=dead_redis(), outbox=Outbox(through_proxy), outbox_timeout=LIMIT)
     queue.enqueue(jobs.record, "warm", job_id="warm")
     proxy.set_mode("hold")
-    results: list[tuple[float, OutboxUnavailable | None]] = []
-    threads = [threading.Thread(target=lambda n=n: results.append(timed_enqueue(queue, f"t{n}"))) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert len(results) == 4
-    for took, error in results:
+    for took, error in timed_enqueues_at_once(queue, 4):
         assert error is not None and took <= LIMIT + SLACK, f"{took:.2f} s {error!r}"
 
 
@@ -165,13 +170,7 @@ def test_a_locked_sqlite_outbox_costs_an_enqueue_at_most_its_time_limit(sqlite_u
     queue.enqueue(jobs.record, "warm", job_id="warm")
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process writing for ever
-    results: list[tuple[float, OutboxUnavailable | None]] = []
-    threads = [threading.Thread(target=lambda n=n: results.append(timed_enqueue(queue, f"t{n}"))) for n in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    for took, error in results:
+    for took, error in timed_enqueues_at_once(queue, 3):
         assert error is not None and not error.in_doubt and took <= 1.0 + SLACK, f"{took:.2f} s {error!r}"
     holder.rollback()
     took, error = timed_enqueue(queue, "after")
