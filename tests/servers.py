@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,11 +19,27 @@ from pathlib import Path
 
 import redis
 
+#: Test servers listen on ports in 10000-19999 (their cluster bus ports, +10000, in 20000-29999): below
+#: the kernel's ephemeral range, so a client socket's port never takes one before its server binds it
+#: (or while it is down for a restart). Each pytest-xdist worker has a slice of its own.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_WORKERS = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+_PORTS = range(10000 + _WORKER * 10000 // _WORKERS, 10000 + (_WORKER + 1) * 10000 // _WORKERS)
+_next_port = [random.randrange(len(_PORTS))]
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, from this test process's own slice (see ``_PORTS``)."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port[0] % len(_PORTS)]
+        _next_port[0] += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 class RedisServer:
@@ -292,7 +309,7 @@ def _free_cluster_ports(count: int) -> list[int]:
     found: list[int] = []
     while len(found) < count:
         port = free_port()
-        if port + 10000 > 65535 or port in found:
+        if port in found:
             continue
         with socket.socket() as sock:
             try:
