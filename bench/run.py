@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import jobs  # noqa: E402
+from helpers import redis_up_metric  # noqa: E402
 from servers import RedisServer, free_port  # noqa: E402
 from timing import alternate, per_op_us  # noqa: E402
 
@@ -404,8 +405,6 @@ def bench_replay(
 
 def start_waiting_replayers(url: str, server: RedisServer, count: int) -> list[tuple[subprocess.Popen[bytes], int]]:
     """``count`` long-running replayers, started while Redis is down; returns once each has seen it down."""
-    import urllib.request
-
     started = []
     for _ in range(count):
         port = free_port()
@@ -413,15 +412,10 @@ def start_waiting_replayers(url: str, server: RedisServer, count: int) -> list[t
         cmd += ["--log-level", "WARNING", "--metrics-port", str(port)]
         started.append((subprocess.Popen(cmd, stderr=subprocess.DEVNULL), port))
 
-    def sees_redis_down(port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
-                return b"spillover_redis_up 0.0" in response.read()
-        except OSError:
-            return False
-
-    for _, port in started:
-        while not sees_redis_down(port):
+    for proc, port in started:
+        while redis_up_metric(port) != 0.0:  # None until it serves metrics
+            if proc.poll() is not None:
+                raise RuntimeError(f"a waiting replayer exited ({proc.returncode})")
             time.sleep(0.05)
     return started
 

@@ -37,9 +37,6 @@ _local = threading.local()
 
 #: libpq's connect_timeout is whole seconds, and at least 2.
 LIBPQ_LEAST_CONNECT_TIMEOUT = 2
-#: SQLite's lock wait is shortened only when the budget left is shorter than it by more than this (ms):
-#: two statements a checkout otherwise, on the spill path.
-BUSY_SLACK_MS = 250
 #: Seconds a connect begun late in an enqueue's budget may overrun it (or a tenth of the budget, if more).
 CONNECT_OVERRUN = 0.5
 
@@ -171,7 +168,7 @@ def watch(engine: Engine) -> None:
                 busy_ms = record.info["spillover_busy_default"] = int(
                     dbapi_connection.execute("PRAGMA busy_timeout").fetchone()[0]
                 )
-            if left_ms < busy_ms - BUSY_SLACK_MS:  # an enqueue's checkout: left ~ the whole limit, nothing to do
+            if left_ms < busy_ms:  # not at an enqueue's usual checkout: its default is set below the limit
                 dbapi_connection.execute(f"PRAGMA busy_timeout={left_ms}")
                 record.info["spillover_busy_shortened"] = True
 

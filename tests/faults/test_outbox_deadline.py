@@ -106,6 +106,18 @@ def test_the_default_time_limit_is_five_seconds(pg):
     assert error is not None and 4.5 <= took <= 5.0 + SLACK, f"{took:.2f} s"
 
 
+def test_a_locked_sqlite_outbox_at_the_default_limit_raises_within_five_seconds(sqlite_url):
+    """SQLite's own lock wait (interrupts do not end it) must end inside the enqueue's budget, which began
+    before Redis refused: never at the budget's end plus the time Redis took."""
+    queue = Queue(QUEUE, connection=dead_redis(), outbox=sqlite_url)
+    queue.enqueue(jobs.record, "warm", job_id="warm")
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing for ever
+    took, error = timed_enqueue(queue, "locked")
+    holder.rollback()
+    assert error is not None and 4.5 <= took < 5.0, f"{took:.3f} s {error!r}"
+
+
 def test_concurrent_enqueues_on_a_stalled_outbox_each_keep_the_bound(pg):
     """Threads of one process queue for the lane's lock behind the stalled INSERT: each within its limit."""
     _, proxy, through_proxy = pg
