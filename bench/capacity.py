@@ -30,15 +30,15 @@ from spillover.stored_job import SpilledJob, encode_hash, new_delivery_id  # noq
 
 # The README's Benchmarks table (bench/run.py, 2 cores; see there for what each compares with).
 #: "spill enqueue rate, 1 process (SQLite)": one process spilling into its SQLite outbox.
-SQLITE_ONE_PROCESS = 1_827.4
+SQLITE_ONE_PROCESS = 3_423.3
 #: "spill rate, 8 processes, aggregate (SQLite; 0 errors)": one SQLite file's ceiling, many writers.
-SQLITE_ONE_FILE = 1_474.3
+SQLITE_ONE_FILE = 2_768.9
 #: "spill enqueue rate, 1 process (Postgres)": measured from one process only, so a lower bound of
 #: what one Postgres takes from a fleet (connections write in parallel there).
-POSTGRES_ONE_PROCESS = 1_117.3
+POSTGRES_ONE_PROCESS = 2_623.2
 #: "drain 100,000 rows ... 1 replayer, 1 queue" and "... 2 replayers, 4 queues".
-DRAIN_ONE_REPLAYER = 20_516.4
-DRAIN_TWO_REPLAYERS = 22_597.8
+DRAIN_ONE_REPLAYER = 39_200.9
+DRAIN_TWO_REPLAYERS = 41_220.2
 #: "Redis memory per delivery in doubt (marker + job-id key)".
 MARKER_BYTES = 330
 #: a push trace, `MEMORY USAGE` of one (bench/run.py, outage_memory).
