@@ -5,6 +5,7 @@ Every option has an environment variable, shown in ``--help``, as in RQ's CLI.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -297,6 +298,7 @@ def replay_main(
     if not once:  # first thing: a stop request during start-up is honoured too
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack, to stderr
     _setup_logging(log_level, log_format)
     names = [name for value in queues for name in value.split()]
     config = ReplayConfig(

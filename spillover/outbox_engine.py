@@ -112,10 +112,19 @@ def _create_owner_only(path: str) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
+#: SQLite pools a forked child inherited, kept unused for the child's lifetime (see dispose_in_child).
+_inherited_sqlite_pools: list[object] = []
+
+
 def dispose_in_child(engine_ref: weakref.ref[Engine]) -> None:
     engine = engine_ref()
     if engine is not None:
-        # The parent's pooled connections must not be used (or closed) by the child.
+        # The parent's pooled connections must not be used (or closed) by the child. sqlite3 closes a
+        # connection when it is collected, and closing one in a child is what SQLite's own rule forbids
+        # (its locks and WAL are the parent's; a close may checkpoint): keep them referenced, never used.
+        # psycopg does not close a connection collected in a process other than its own.
+        if engine.dialect.name == "sqlite":
+            _inherited_sqlite_pools.append(engine.pool)
         engine.dispose(close=False)
 
 

@@ -111,6 +111,22 @@ def run_worker(redis_url: str, *queues: str) -> None:
     )
 
 
+def stop_replayer(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
+    """SIGTERM a long-running replayer and wait for it to exit 0; its stderr. One that has not exited in
+    ``timeout`` seconds is asked for its threads' stacks (SIGUSR1) before the test fails with them."""
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the replayer did not stop within {timeout:g} s of SIGTERM:\n{err[-6000:]}") from None
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
 def start_forked(target: Any, *args: Any) -> Any:
     """A forked child running ``target(*args)``; SIGUSR1 prints the stacks of all its threads.
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import jobs
 import redis
 from helpers import http_get as get
-from helpers import wait_for
+from helpers import stop_replayer, wait_for
 from prometheus_client import REGISTRY
 from servers import free_port
 from test_replayer import replayer, spill
@@ -78,3 +79,15 @@ def test_producer_metrics_in_the_default_registry(sqlite_url):
     after = REGISTRY.get_sample_value("spillover_enqueued_total", {"queue": "prod-metrics", "path": "spilled"})
     assert after == before + 3
     assert REGISTRY.get_sample_value("spillover_enqueue_seconds_count", {"path": "spilled"}) >= 3
+
+
+def test_sigusr1_prints_what_every_thread_of_a_running_replayer_is_doing(redis_server, sqlite_url):
+    """A replayer that seems stuck can be asked, without stopping it: kill -USR1 prints each thread's stack."""
+    port = free_port()
+    proc = replayer(sqlite_url, redis_server.url, "--metrics-port", str(port))
+    wait_for(lambda: get(port, "/healthz")[0] == 200, timeout=30)
+    proc.send_signal(signal.SIGUSR1)
+    spill(sqlite_url, "after-usr1", 3)  # and it goes on working
+    wait_for(lambda: redis_server.client().llen("rq:queue:after-usr1") == 3, timeout=30)
+    err = stop_replayer(proc)
+    assert "most recent call first" in err and "spillover/replayer.py" in err, err[-3000:]

@@ -9,7 +9,7 @@ import sys
 import jobs
 import pytest
 import redis
-from helpers import env_with_tests, http_get, replay_once, status_report, status_text, wait_for
+from helpers import env_with_tests, http_get, replay_once, status_report, status_text, stop_replayer, wait_for
 from releases import insert_untargeted_row
 from sqlalchemy import create_engine, text
 from test_replayer import queued, replayer
@@ -92,9 +92,7 @@ def test_a_running_replayer_logs_other_targets_once(make_redis, sqlite_url):
     )
     late.enqueue(jobs.noop, job_id="a-late")  # one more row of a's: proves passes went on after the first
     wait_for(lambda: queued(a.client(), "mail") == [*a_ids, "a-late"], timeout=30)
-    proc.terminate()
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+    err = stop_replayer(proc)
     assert err.count(f"meant for redis {b_target!r}") == 1, err
     assert Outbox(sqlite_url).pending_count(target=b_target) == 5
 
@@ -202,8 +200,7 @@ def test_rows_nobody_drains_are_a_gauge_a_warning_and_a_status_line(redis_server
         text_report = status_text(sqlite_url, redis_server.url)
         assert "UNCLAIMED: 2 pending row(s) of target cache-x" in text_report
     finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=20)
+        err = stop_replayer(proc)
     assert "are drained by no running replayer: start a replayer with --target 'cache-x'" in err
     assert status_report(sqlite_url, redis_server.url)["replayers"] == [], "a stopped replayer leaves the registry"
 
@@ -218,8 +215,7 @@ def test_once_a_replayer_of_that_target_runs_its_rows_are_claimed(redis_server, 
         wait_for(lambda: status_report(sqlite_url, redis_server.url)["unclaimed"] == [], 30)
     finally:
         for proc in (mine, other):
-            proc.terminate()
-            proc.communicate(timeout=20)
+            stop_replayer(proc)
 
 
 def test_rows_with_no_target_are_not_adopted_while_a_replayer_of_another_redis_runs(make_redis, sqlite_url):
@@ -234,8 +230,7 @@ def test_rows_with_no_target_are_not_adopted_while_a_replayer_of_another_redis_r
         assert Outbox(sqlite_url).pending_by_target() == {None: {"legacy": 1}}, "a saw b running: not a's to take"
         assert status_report(sqlite_url, a.url)["unclaimed"] == [], "b, alone again, claims it (and drains it once up)"
     finally:
-        other.terminate()
-        other.communicate(timeout=20)
+        stop_replayer(other)
     wait_for(lambda: status_report(sqlite_url, a.url)["replayers"] == [], 30)
     replay_once(sqlite_url, a.url, "--target", "a")  # alone now: it adopts the row
     assert Outbox(sqlite_url).pending_count() == 0
@@ -261,8 +256,7 @@ def test_status_and_metrics_with_rows_with_and_without_a_target(redis_server, sq
         assert 'spillover_backlog_rows{queue="legacy",target="(untargeted)"} 1.0' in body, body[-2000:]
         assert 'spillover_backlog_rows{queue="mixed",target="cache-q"} 1.0' in body
     finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
+        stop_replayer(proc)
 
 
 def test_retarget_hands_stranded_rows_to_a_running_replayer(redis_server, sqlite_url):
