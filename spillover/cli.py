@@ -14,7 +14,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -30,6 +29,7 @@ from .outbox import Outbox
 from .redis_side import client_from_url, is_outage, probe_write, resolve_target
 from .replayer import ReplayConfig, Replayer
 from .rq_keys import display_target, server_part
+from .stop_signals import stop_on_signals
 from .targets import UNTARGETED, TargetMatcher, is_host_local_name, setting_for
 
 _ctx = {"auto_envvar_prefix": "SPILLOVER", "show_default": True}
@@ -290,14 +290,8 @@ def replay_main(
     """Move spilled jobs from the outbox into RQ, in order, exactly once."""
     log = logging.getLogger("spillover.replay")
     stopping = threading.Event()
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: finishing the batch in hand", signal.Signals(signum).name)
-        stopping.set()
-
     if not once:  # first thing: a stop request during start-up is honoured too
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        stop_on_signals(stopping, log)
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack, to stderr
     _setup_logging(log_level, log_format)
     names = [name for value in queues for name in value.split()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 
 import jobs
 import redis
@@ -91,3 +93,21 @@ def test_sigusr1_prints_what_every_thread_of_a_running_replayer_is_doing(redis_s
     wait_for(lambda: redis_server.client().llen("rq:queue:after-usr1") == 3, timeout=30)
     err = stop_replayer(proc)
     assert "most recent call first" in err and "spillover/replayer.py" in err, err[-3000:]
+
+
+_STOP_WHILE_WAITING = """
+import logging, os, signal, threading
+from spillover.stop_signals import stop_on_signals
+stopping = threading.Event()
+stop_on_signals(stopping, logging.getLogger("test"))
+with stopping._cond:  # where the main thread is inside stopping.wait(): the Event's lock held
+    os.kill(os.getpid(), signal.SIGTERM)
+    total = sum(i for i in range(100_000))  # the Python-level handler runs here, the lock still held
+print("stopping" if stopping.wait(10) else "not stopped", flush=True)
+"""
+
+
+def test_sigterm_while_the_main_thread_holds_the_stop_events_lock_still_stops():
+    """A handler setting the Event itself would wait for ever on the lock its own thread holds."""
+    out = subprocess.run([sys.executable, "-c", _STOP_WHILE_WAITING], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "stopping", out.stderr[-2000:]
