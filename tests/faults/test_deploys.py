@@ -63,7 +63,7 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
     server.kill()  # an outage during the deploy: every producer spills
     # Producers of the previous release, and of this one started before the migration runs.
     producers = Producers(
-        tmp_path, url, server.port, ["old0", "old1", "new0"], pace=0.002, trees={"old0": old, "old1": old}
+        tmp_path, url, server.port, ["old0", "old1", "new0"], pace=0.005, trees={"old0": old, "old1": old}
     )
     producers.wait(spilled=50)
     # The deploy's migration, from a job that knows nothing of Redis; from 0001 one revision at a time,
