@@ -89,7 +89,7 @@ if hasattr(os, "register_at_fork"):
 
 def settleable(done: list[tuple[str, str | None]], rows: Sequence[SpilledJob]) -> list[tuple[str, str | None]]:
     """Of ``done`` (job id, delivery) pairs of ``rows``, those whose markers may be settled: not a retry's."""
-    if not _deliveries and not any(row.options for row in rows):  # the usual case: no retry among them
+    if not any(row.options for row in rows):  # the usual case: a retry's row always carries the option
         return done
     return [item for item, row in zip(done, rows, strict=False) if not keeps_marker(row.options)]
 
