@@ -52,12 +52,12 @@ def snapshot(client: redis.Redis, keep_markers: bool = False, relative_schedule:
         elif kind == "set":
             value = sorted(client.smembers(raw))
         elif kind == "zset":
-            # deferred registry scores are "now": keep members only there
+            # Deferred registries and RQ 3's rate limit sets score by "now" in whole seconds: the
+            # members alone, sorted, since a second boundary between two enqueues reorders ties.
             pairs = client.zrange(raw, 0, -1, withscores=True)
-            # (and RQ 3's rate limit sets: scores are "now" in seconds)
             by_member = ":deferred:" in key or key.endswith((":allowed", ":rate_limited"))
             by_member = by_member or (relative_schedule and ":scheduled:" in key)
-            value = [m for m, _ in pairs] if by_member else pairs
+            value = sorted(m for m, _ in pairs) if by_member else pairs
         else:
             value = client.get(raw)
         state[key] = (kind, value, "expires" if client.ttl(raw) > 0 else "persistent")
