@@ -39,6 +39,12 @@ def marker_keys(client: redis.Redis) -> list[bytes]:
     return client.keys(MARKER_PREFIX + "*") + client.keys(LEGACY_MARKER_PREFIX + "*")
 
 
+def unsettled(client: redis.Redis, window_ms: int) -> list[int]:
+    """TTLs of markers not yet shortened to the delivery window (-2: expired since it was listed)."""
+    ttls = [client.pttl(key) for key in marker_keys(client)]
+    return sorted(ttl for ttl in ttls if not (ttl == -2 or 0 <= ttl <= window_ms))
+
+
 # -- a job id enqueued again runs again, as in RQ ------------------------------------------
 
 
@@ -145,8 +151,9 @@ def test_a_deadline_is_in_redis_time_whatever_this_hosts_clock_says(redis_server
     # The local wall clock ten minutes off does not move the estimate: it is Redis's TIME, kept by monotonic time.
     monkeypatch.setattr(time, "time", lambda: 600.0 + redis_ms / 1000.0)
     assert abs(pusher.clock.now_ms() - redis_ms) < 1_000
+    estimate = pusher.clock.now_ms()  # before Redis's TIME: a delay between the two then only widens the gap
     seconds, micros = client.time()
-    assert pusher.clock.now_ms() <= seconds * 1000 + micros / 1000 + 1, "an estimate is never ahead of Redis"
+    assert estimate <= seconds * 1000 + micros / 1000 + 1, "an estimate is never ahead of Redis"
     assert pusher.push("fenced", [row("skewed")]).complete
 
 
@@ -225,10 +232,11 @@ def test_markers_of_transactional_commits_go_one_window_after_their_rows(redis_s
             q.within(session).enqueue(jobs.noop)
     assert client.llen("rq:queue:orders") == 1000
     wait_for(lambda: Outbox(sqlite_url).pending_count() == 0, timeout=10)
-    # rows deleted, then their markers settled (shortened to the window) by the settler's next batch: from
-    # the moment it has sent them all, one window (a replayer that read a row before its delete may still
-    # send it until then), and a little for Redis to expire keys on a busy machine
-    wait_for(q._settler.idle, timeout=10)
+    # rows deleted, then their markers settled (shortened to the window) by the settler's next batch (the
+    # rows' delete commits before the settler hears of it, so wait for what Redis shows): from the moment
+    # all are settled, one window (a replayer that read a row before its delete may still send it until
+    # then), and a little for Redis to expire keys on a busy machine
+    wait_for(lambda: not unsettled(client, window_ms=2000), timeout=10)
     time.sleep(2.5)
     left = len(marker_keys(client))
     assert left <= 10, f"{left} markers left one window after 1,000 commits (at most 1%)"
@@ -241,9 +249,8 @@ def test_markers_of_replayed_rows_go_one_window_after_their_rows(redis_server, s
     client = redis_server.client()
     replay_once(sqlite_url, redis_server.url, "--delivery-window", "2", "--log-level", "WARNING")
     assert client.llen("rq:queue:replayed") == 20_000
-    ttls = [client.pttl(key) for key in marker_keys(client)]
-    late = sorted(ttl for ttl in ttls if not (ttl == -2 or 0 <= ttl <= 2000))  # -2: expired since
-    assert not late, f"{len(late)} of {len(ttls)} markers not settled when the replayer exited: {late[:3]}"
+    late = unsettled(client, window_ms=2000)
+    assert not late, f"{len(late)} markers not settled when the replayer exited: {late[:3]}"
     time.sleep(2.5)
     left = len(marker_keys(client))
     assert left <= 200, f"{left} markers left one window after replaying 20,000 rows (at most 1%)"

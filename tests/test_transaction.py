@@ -302,7 +302,11 @@ def test_many_jobs_in_one_transaction_keep_their_order(redis_server, outbox_url,
 
 def listening(engine: Engine) -> bool:
     with engine.connect() as conn:  # a fresh transaction: statistics views are snapshots per transaction
-        query = "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN spillover_outbox'"
+        # this database's only: the other test worker's replayers LISTEN on the same server
+        query = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE query = 'LISTEN spillover_outbox' AND datname = current_database()"
+        )
         return conn.scalar(text(query)) == 1
 
 
