@@ -2,4 +2,5 @@
 
 from .cli import replay_main
 
-replay_main()
+if __name__ == "__main__":
+    replay_main()
