@@ -76,10 +76,6 @@ class Sweeper(Generic[T]):
                 with self._lock:
                     self._items[:0] = taken[-self.backlog_limit :]
 
-    def idle(self) -> bool:
-        """Nothing collected and no batch in flight."""
-        return not self.pending() and not self._deleting.locked()
-
     def pending(self) -> int:
         with self._lock:
             return len(self._items)
