@@ -19,7 +19,7 @@ import jobs
 import pytest
 import redis
 import yaml
-from helpers import IN_CI, env_with_tests, http_get, wait_for
+from helpers import IN_CI, env_with_tests, http_get, stop_replayer, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port
 from sqlalchemy import create_engine, text
@@ -38,12 +38,6 @@ def start_replayer(database_url: str, redis_url: str, *extra: str) -> subprocess
     cmd = [sys.executable, "-m", "spillover.cli_replay", "--database-url", database_url, "--redis-url", redis_url]
     cmd += ["--poll-interval", "0.1", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with_tests())
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err[-3000:]
 
 
 def dashboard_exprs() -> list[str]:
@@ -143,7 +137,7 @@ def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(redis_se
     finally:
         ready.with_name(ready.name + ".stop").touch()
         producer_proc.communicate(timeout=30)
-        stop(replayer)
+        stop_replayer(replayer)
 
     for where, exprs in (("dashboard", dashboard_exprs()), ("rules", rule_exprs())):
         assert exprs, f"no queries read from the {where}"

@@ -135,13 +135,6 @@ def start_replayer(
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.terminate()
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err[-3000:]
-    return err
-
-
 def wait_drained(outbox_url: str, client: redis.Redis, expected: int, timeout: float = 60) -> None:
     outbox = Outbox(outbox_url, max_backlog=0)
     wait_for(

@@ -10,8 +10,8 @@ releases are built from git history (releases.py). They pin rq<3: these tests ru
 from __future__ import annotations
 
 import pytest
-from checks import Producers, assert_exactly_once_in_order, start_replayer, stop, wait_drained
-from helpers import http_get, replay_once, wait_for
+from checks import Producers, assert_exactly_once_in_order, start_replayer, wait_drained
+from helpers import http_get, replay_once, stop_replayer, wait_for
 from releases import alembic_upgrade, env_for, release_tree
 from servers import create_database, free_port
 from sqlalchemy import create_engine, inspect, text
@@ -87,7 +87,7 @@ def test_rolling_deploy_while_old_and_new_producers_spill(previous, make_redis, 
     enqueued, reports = producers.finish()
     wait_drained(url, server.client(), sum(enqueued.values()))
     for replayer in replayers:
-        stop(replayer)
+        stop_replayer(replayer)
     assert_exactly_once_in_order(server.client(), url, enqueued)
     assert max(report["max"] for report in reports) < 5.0, reports  # nobody waited long on the migration
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import jobs
 import pytest
 import redis
-from checks import start_replayer, stop
-from helpers import replay_once, run_worker, wait_for
+from checks import start_replayer
+from helpers import replay_once, run_worker, stop_replayer, wait_for
 from servers import create_database, free_port
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
@@ -237,11 +237,11 @@ def test_a_replayer_on_a_stalled_outbox_gives_up_its_lease(pg, redis_server):
         try:
             wait_for(lambda: Outbox(url, max_backlog=0).pending_count() == 0, timeout=60)
         finally:
-            stop(other)
+            stop_replayer(other)
         assert stalled.poll() is None, "the stalled replayer must wait the outage out, not exit"
         proxy.set_mode("pass")
     finally:
-        err = stop(stalled)
+        err = stop_replayer(stalled)
     assert "outbox unavailable" in err
     ids = [job.decode() for job in client.lrange(f"rq:queue:{QUEUE}", 0, -1)]
     assert ids == [f"job-{n:05d}" for n in range(total)], "every job once, in order"

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from checks import FAULTS, QUEUE, start_replayer, stop
-from helpers import IN_CI, env_with_tests, wait_for
+from checks import FAULTS, QUEUE, start_replayer
+from helpers import IN_CI, env_with_tests, stop_replayer, wait_for
 from servers import PostgresCluster, free_port
 from sqlalchemy import create_engine, text
 
@@ -115,7 +115,7 @@ def test_producers_and_the_replayer_carry_on_through_a_postgres_failover(primary
     outbox = Outbox(standby.url, max_backlog=0)
     wait_for(lambda: outbox.pending_count() == 0, timeout=60)
     assert replayer.poll() is None, "the replayer carries on through the failover"
-    err = stop(replayer)
+    err = stop_replayer(replayer)
     vip.close()
     ids = [job.decode() for job in client.lrange(f"rq:queue:{QUEUE}", 0, -1)]
     twice = [job for job, n in Counter(ids).items() if n > 1]

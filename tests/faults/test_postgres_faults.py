@@ -9,7 +9,7 @@ import jobs
 import pytest
 import redis
 from checks import QUEUE, assert_exactly_once_in_order, start_replayer, wait_drained
-from helpers import IN_CI, replay_once, wait_for
+from helpers import IN_CI, replay_once, stop_replayer, wait_for
 from servers import PostgresCluster, create_database, free_port
 from sqlalchemy import create_engine, insert
 
@@ -78,9 +78,7 @@ def test_postgres_restarted_mid_replay(redis_server, pg_cluster):
     time.sleep(1.0)
     pg_cluster.start()
     wait_drained(url, client, 30000, timeout=90)
-    replayer.terminate()
-    _, err = replayer.communicate(timeout=20)
-    assert replayer.returncode == 0, err[-3000:]
+    err = stop_replayer(replayer)
     assert "outbox unavailable" in err
     assert_exactly_once_in_order(client, url, {"p0": 30000})
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import jobs
 import redis
-from checks import start_replayer, stop, wait_for
-from helpers import TESTS, env_with_tests, redis_up_metric
+from checks import start_replayer, wait_for
+from helpers import TESTS, env_with_tests, redis_up_metric, stop_replayer
 from servers import free_port
 
 from spillover import Outbox, Queue
@@ -77,7 +77,7 @@ def test_replayers_with_disjoint_queue_sets_both_drain(redis_server, outbox_url)
     wait_for(lambda: drained(outbox_url, client, made), timeout=60, interval=0.05)
     watcher.stop()
     for proc in replayers:
-        stop(proc)
+        stop_replayer(proc)
     assert_each_once_in_order(client, made)
     assert all(len(holders) == 1 for holders in watcher.drainers.values()), "each queue had its one drainer"
     assert watcher.drainers["qa"] != watcher.drainers["qb"]
@@ -99,7 +99,7 @@ def test_three_replayers_drain_six_queues_in_parallel(redis_server, outbox_url):
     wait_for(lambda: drained(outbox_url, client, made), timeout=120, interval=0.05)
     watcher.stop()
     for proc in replayers:
-        stop(proc)
+        stop_replayer(proc)
     assert_each_once_in_order(client, made)
     assert watcher.most_at_once >= 2, "different queues were drained by different replayers at the same time"
     assert len(set().union(*watcher.drainers.values())) >= 2

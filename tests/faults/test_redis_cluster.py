@@ -18,9 +18,9 @@ import sys
 
 import pytest
 import redis
-from checks import start_replayer, stop
+from checks import start_replayer
 from forms import RQ_MAJOR
-from helpers import env_with_tests, wait_for
+from helpers import env_with_tests, stop_replayer, wait_for
 from servers import RedisCluster
 
 from spillover import Outbox
@@ -83,7 +83,7 @@ def test_master_killed_replica_promoted_every_acknowledged_job_runs_once_in_orde
         replayer = start_replayer(sqlite_url, f"redis://127.0.0.1:{replica}/0", "--target", "cluster-app", env=env)
         assert producer.wait(timeout=120) == 0, producer.stderr.read()[-2000:]
         wait_for(lambda: Outbox(sqlite_url).pending_count() == 0, timeout=60)
-        stop(replayer)
+        stop_replayer(replayer)
 
         acked = progress(acks)
         assert len(acked) == 400 and {kind for kind, _ in acked} == {"d", "s"}

@@ -13,10 +13,9 @@ from checks import (
     finish_producers,
     start_producer,
     start_replayer,
-    stop,
     wait_drained,
 )
-from helpers import replay_once, wait_for
+from helpers import replay_once, stop_replayer, wait_for
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -36,7 +35,7 @@ def test_redis_sigkilled_twice_while_four_producers_enqueue(make_redis, outbox_u
     producers.wait(direct=30)
     enqueued, _ = producers.finish()
     wait_drained(outbox_url, server.client(), sum(enqueued.values()))
-    stop(replayer)
+    stop_replayer(replayer)
     assert_exactly_once_in_order(server.client(), outbox_url, enqueued)
 
 
@@ -52,7 +51,7 @@ def test_redis_sigkilled_mid_replay(make_redis, outbox_url):
     time.sleep(0.5)
     server.start()
     wait_drained(outbox_url, server.client(), 6000)
-    err = stop(replayer)
+    err = stop_replayer(replayer)
     assert "waiting for it" in err
     assert_exactly_once_in_order(server.client(), outbox_url, {"p0": 6000})
 
@@ -66,7 +65,7 @@ def test_replies_lost_during_replay_are_not_pushed_twice(redis_server, sqlite_ur
     wait_for(lambda: client.llen(f"rq:queue:{QUEUE}") > 0, timeout=20)  # applied, the reply lost
     proxy.set_mode("pass")
     wait_drained(sqlite_url, client, 1000)
-    err = stop(replayer)
+    err = stop_replayer(replayer)
     assert "already in redis" in err
     assert_exactly_once_in_order(client, sqlite_url, {"p0": 1000})
     proxy.close()
@@ -91,7 +90,7 @@ def test_refused_and_stalled_redis_keep_producers_within_their_bound(redis_serve
         # (What an enqueue costs while down, the outbox write plus about a millisecond, is the benchmark's.)
         assert report["p99_while_down"] < 0.45, f"p99 while down {report['p99_while_down']:.3f} s"
     wait_drained(sqlite_url, redis_server.client(), sum(enqueued.values()))
-    stop(replayer)
+    stop_replayer(replayer)
     assert_exactly_once_in_order(redis_server.client(), sqlite_url, enqueued)
     proxy.close()
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import signal
 
 import redis
-from checks import start_replayer, stop, wait_for
-from helpers import LEGACY_MARKER_PREFIX, MARKER_PREFIX
+from checks import start_replayer, wait_for
+from helpers import LEGACY_MARKER_PREFIX, MARKER_PREFIX, stop_replayer
 from test_queue_leases import _state, assert_each_once_in_order, drained, spill_queues, start_stalling_replayer
 
 from spillover import Outbox
@@ -43,8 +43,8 @@ def test_a_batch_held_in_the_network_past_its_deadline_lands_nothing(redis_serve
     assert markers(client) == 0, "not even a marker"
 
     stalled.send_signal(signal.SIGCONT)
-    stop(standby)
-    stop(stalled)
+    stop_replayer(standby)
+    stop_replayer(stalled)
     proxy.close()
     assert_each_once_in_order(client, made)
     assert Outbox(outbox_url, max_backlog=0).dead_rows() == [], "a refused batch is not a failed attempt"
@@ -59,8 +59,8 @@ def test_a_paused_holder_that_wakes_with_a_batch_in_hand_is_fenced_off(redis_ser
     wait_for(lambda: drained(outbox_url, client, made), timeout=60, interval=0.05)
     client.delete(*client.keys(MARKER_PREFIX + "*"), *client.keys(LEGACY_MARKER_PREFIX + "*"))  # evicted, say
     stalled.send_signal(signal.SIGCONT)  # wakes and sends the batch it had in hand, with its old token
-    stop(standby)
-    err = stop(stalled)
+    stop_replayer(standby)
+    err = stop_replayer(stalled)
     assert "refused this replayer's fencing token" in err, err[-3000:]
     assert_each_once_in_order(client, made)
     assert Outbox(outbox_url, max_backlog=0).dead_rows() == [], "a refused batch is not a failed attempt"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from checks import FAULTS, QUEUE, Producers, assert_exactly_once_in_order, start_replayer, stop, wait_drained
-from helpers import env_with_tests, replay_once, run_worker, wait_for
+from checks import FAULTS, QUEUE, Producers, assert_exactly_once_in_order, start_replayer, wait_drained
+from helpers import env_with_tests, replay_once, run_worker, stop_replayer, wait_for
 from orders import Base, items
 from sqlalchemy import create_engine
 
@@ -56,7 +56,7 @@ def test_eight_processes_commit_at_once_while_redis_is_killed(make_redis, outbox
     producers.wait(direct=20)  # and pushes at commit again
     enqueued, _ = producers.finish()
     wait_drained(outbox_url, server.client(), sum(enqueued.values()))
-    stop(replayer)
+    stop_replayer(replayer)
     assert_exactly_once_in_order(server.client(), outbox_url, enqueued)
     jobs = {f"{name}-{i:06d}" for name, count in enqueued.items() for i in range(count)}
     assert sorted(items(engine)) == sorted(jobs), "a job for every committed order, and for nothing else"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 
 import jobs
-from checks import start_replayer, stop, wait_for
-from helpers import redis_up_metric
+from checks import start_replayer, wait_for
+from helpers import redis_up_metric, stop_replayer
 from servers import free_port
 
 from spillover import Outbox, Queue, was_spilled
@@ -32,6 +32,6 @@ def test_a_failed_rdb_save_spills_and_the_replayer_waits_for_writes(make_redis, 
     assert replayer.poll() is None
     client.config_set("stop-writes-on-bgsave-error", "no")  # the operator's fix
     wait_for(lambda: Outbox(sqlite_url).pending_count() == 0, timeout=30)
-    stop(replayer)
+    stop_replayer(replayer)
     expected = [b"before", *(f"m-{i:02d}".encode() for i in range(20))]
     assert client.lrange("rq:queue:misconf", 0, -1) == expected
